@@ -1,0 +1,166 @@
+// Argument checks shared by the CPU and CUDA backends, so both reject the same
+// inputs with the same messages. Only metadata is inspected here (no tensor
+// data is read), so this is cheap and device-agnostic; checks that need the
+// contents of the index tensors live in the kernels' host code.
+#include <ATen/ATen.h>
+
+#include "ops.h"
+
+namespace prefixkv {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// head_dim (the last dim) must be contiguous; a size-1 dim has any stride.
+bool last_dim_contiguous(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1;
+}
+
+void check_int32_index(const at::Tensor& t, const char* op, const char* name,
+                       int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim,
+              "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kInt, op, ": ", name,
+              " must be int32, got ", t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& ref, const at::Tensor& t,
+                       const char* op, const char* ref_name, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ",
+              t.device(), " but ", ref_name, " is on ", ref.device(),
+              "; all tensors must be on the same device");
+}
+
+}  // namespace
+
+void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& block_table,
+                           const at::Tensor& query_start_loc,
+                           const at::Tensor& seq_lens,
+                           const at::Tensor& min_query_pos,
+                           const at::Tensor& scores,
+                           const std::optional<at::Tensor>& lse) {
+  constexpr const char* op = "prefixkv::importance";
+
+  check_same_device(query, key_cache, op, "query", "key_cache");
+  check_same_device(query, block_table, op, "query", "block_table");
+  check_same_device(query, query_start_loc, op, "query", "query_start_loc");
+  check_same_device(query, seq_lens, op, "query", "seq_lens");
+  check_same_device(query, min_query_pos, op, "query", "min_query_pos");
+  check_same_device(query, scores, op, "query", "scores");
+  if (lse.has_value()) check_same_device(query, *lse, op, "query", "lse");
+
+  TORCH_CHECK(query.dim() == 3, op, ": query must be [T, Hq, D], got shape ",
+              query.sizes());
+  TORCH_CHECK(key_cache.dim() == 4, op,
+              ": key_cache must be a [num_blocks, block_size, Hkv, D] view, got "
+              "shape ",
+              key_cache.sizes());
+  TORCH_CHECK(is_supported_float(query.scalar_type()), op,
+              ": query must be float32, bfloat16 or float16, got ",
+              query.scalar_type());
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type(), op,
+              ": key_cache dtype ", key_cache.scalar_type(),
+              " must match query dtype ", query.scalar_type());
+  TORCH_CHECK(last_dim_contiguous(query), op,
+              ": query head_dim must be contiguous (stride(2) == 1), got "
+              "strides ",
+              query.strides());
+  TORCH_CHECK(last_dim_contiguous(key_cache), op,
+              ": key_cache head_dim must be contiguous (stride(3) == 1), got "
+              "strides ",
+              key_cache.strides());
+
+  const int64_t num_q_heads = query.size(1);
+  const int64_t head_dim = query.size(2);
+  const int64_t num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, op,
+              ": num query heads (", num_q_heads,
+              ") must be a multiple of num kv heads (", num_kv_heads, ")");
+  TORCH_CHECK(key_cache.size(3) == head_dim, op, ": key_cache head_dim (",
+              key_cache.size(3), ") != query head_dim (", head_dim, ")");
+  TORCH_CHECK(key_cache.size(1) > 0, op, ": key_cache block_size must be > 0");
+
+  check_int32_index(block_table, op, "block_table", 2);
+  check_int32_index(query_start_loc, op, "query_start_loc", 1);
+  check_int32_index(seq_lens, op, "seq_lens", 1);
+  check_int32_index(min_query_pos, op, "min_query_pos", 1);
+  const int64_t batch = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) == batch + 1, op,
+              ": query_start_loc must have B + 1 = ", batch + 1,
+              " entries, got ", query_start_loc.size(0));
+  TORCH_CHECK(min_query_pos.size(0) == batch, op, ": min_query_pos must have B = ",
+              batch, " entries, got ", min_query_pos.size(0));
+  TORCH_CHECK(block_table.size(0) == batch, op, ": block_table must have B = ",
+              batch, " rows, got ", block_table.size(0));
+
+  TORCH_CHECK(scores.dim() == 3, op,
+              ": scores must be [B, Hkv, max_keys], got shape ", scores.sizes());
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, op,
+              ": scores must be float32, got ", scores.scalar_type());
+  TORCH_CHECK(scores.size(0) == batch && scores.size(1) == num_kv_heads, op,
+              ": scores must be [B, Hkv, max_keys] = [", batch, ", ",
+              num_kv_heads, ", *], got shape ", scores.sizes());
+
+  if (lse.has_value()) {
+    const at::Tensor& l = *lse;
+    TORCH_CHECK(l.scalar_type() == at::kFloat, op,
+                ": lse must be float32, got ", l.scalar_type());
+    TORCH_CHECK(l.dim() == 2 && l.size(0) == num_q_heads &&
+                    l.size(1) == query.size(0),
+                op, ": lse must be [Hq, T] = [", num_q_heads, ", ",
+                query.size(0), "], got shape ", l.sizes());
+  }
+}
+
+void check_compact_args(const at::Tensor& key_cache,
+                        const at::Tensor& value_cache,
+                        const at::Tensor& block_table,
+                        const at::Tensor& keep_indices,
+                        const at::Tensor& num_kept) {
+  constexpr const char* op = "prefixkv::compact";
+
+  check_same_device(key_cache, value_cache, op, "key_cache", "value_cache");
+  check_same_device(key_cache, block_table, op, "key_cache", "block_table");
+  check_same_device(key_cache, keep_indices, op, "key_cache", "keep_indices");
+  check_same_device(key_cache, num_kept, op, "key_cache", "num_kept");
+
+  TORCH_CHECK(key_cache.dim() == 4, op,
+              ": key_cache must be a [num_blocks, block_size, Hkv, D] view, got "
+              "shape ",
+              key_cache.sizes());
+  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op,
+              ": value_cache shape ", value_cache.sizes(),
+              " != key_cache shape ", key_cache.sizes());
+  TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op,
+              ": value_cache dtype ", value_cache.scalar_type(),
+              " != key_cache dtype ", key_cache.scalar_type());
+  TORCH_CHECK(last_dim_contiguous(key_cache), op,
+              ": key_cache head_dim must be contiguous (stride(3) == 1), got "
+              "strides ",
+              key_cache.strides());
+  TORCH_CHECK(last_dim_contiguous(value_cache), op,
+              ": value_cache head_dim must be contiguous (stride(3) == 1), got "
+              "strides ",
+              value_cache.strides());
+  TORCH_CHECK(key_cache.size(1) > 0, op, ": key_cache block_size must be > 0");
+
+  check_int32_index(block_table, op, "block_table", 2);
+  check_int32_index(keep_indices, op, "keep_indices", 3);
+  check_int32_index(num_kept, op, "num_kept", 1);
+  const int64_t num_requests = num_kept.size(0);
+  const int64_t num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(block_table.size(0) == num_requests, op,
+              ": block_table must have R = ", num_requests, " rows, got ",
+              block_table.size(0));
+  TORCH_CHECK(keep_indices.size(0) == num_requests, op,
+              ": keep_indices must be [R, Hs, K] with R = ", num_requests,
+              ", got shape ", keep_indices.sizes());
+  TORCH_CHECK(keep_indices.size(1) == 1 || keep_indices.size(1) == num_kv_heads,
+              op, ": keep_indices.shape[1] must be 1 (shared) or Hkv = ",
+              num_kv_heads, ", got ", keep_indices.size(1));
+}
+
+}  // namespace prefixkv

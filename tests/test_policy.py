@@ -1,0 +1,288 @@
+"""The policy layer: curves, the prefix search, selection, scorers, profiles."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefixkv_vllm.policy import (
+    MeanScorer,
+    Profile,
+    ProfileError,
+    Protection,
+    RawScorer,
+    RecencyScorer,
+    WindowScorer,
+    average_keep_ratios,
+    build_policy,
+    importance_curves,
+    prefix_counts,
+    search_prefix_config,
+    select_tokens,
+)
+from prefixkv_vllm.policy.profile import ModelIdentity
+
+
+def brute_force_counts(scores: torch.Tensor, threshold: float) -> list[int]:
+    counts = []
+    for row in scores.double():
+        ordered = sorted(row.tolist(), reverse=True)
+        total = sum(ordered)
+        shares = [v / total for v in ordered] if total > 0 else [1 / len(ordered)] * len(ordered)
+        running, k = 0.0, len(ordered)
+        for i, share in enumerate(shares):
+            running += share
+            if running >= threshold - 1e-12:
+                k = i + 1
+                break
+        counts.append(max(1, k))
+    return counts
+
+
+score_matrices = st.builds(
+    lambda layers, tokens, seed, kind: _make_scores(layers, tokens, seed, kind),
+    st.integers(1, 6),
+    st.integers(1, 80),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["random", "peaked", "flat", "zero", "ties"]),
+)
+
+
+def _make_scores(layers, tokens, seed, kind):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.rand(layers, tokens, generator=gen)
+    if kind == "peaked":
+        return torch.rand(layers, tokens, generator=gen) ** 8
+    if kind == "flat":
+        return torch.ones(layers, tokens)
+    if kind == "zero":
+        return torch.zeros(layers, tokens)
+    return torch.randint(0, 3, (layers, tokens), generator=gen).float()
+
+
+class TestCurves:
+    def test_curve_is_sorted_cumulative_share(self):
+        curves = importance_curves(torch.tensor([[1.0, 3.0, 0.0, 4.0]]))
+        assert torch.allclose(curves, torch.tensor([[0.5, 0.875, 1.0, 1.0]], dtype=torch.float64))
+
+    def test_zero_scores_give_flat_curve(self):
+        curves = importance_curves(torch.zeros(2, 4))
+        assert torch.allclose(curves, torch.tensor([[0.25, 0.5, 0.75, 1.0]] * 2, dtype=torch.float64))
+
+    @pytest.mark.parametrize("bad", [torch.tensor([[1.0, float("nan")]]), torch.tensor([[-1.0, 2.0]]), torch.ones(3)])
+    def test_rejects_bad_scores(self, bad):
+        with pytest.raises(ValueError):
+            importance_curves(bad)
+
+    @settings(max_examples=60, deadline=None)
+    @given(score_matrices, st.floats(0.0, 1.0))
+    def test_prefix_counts_match_brute_force(self, scores, threshold):
+        counts = prefix_counts(importance_curves(scores), threshold)
+        assert counts.tolist() == brute_force_counts(scores, threshold)
+
+    def test_peaked_layer_keeps_fewer_tokens(self):
+        scores = torch.ones(2, 100)
+        scores[0, :5] = 1000.0  # layer 0 concentrates its attention
+        counts = search_prefix_config(importance_curves(scores), 0.3)
+        assert counts.sum() == 60 and counts[0] < counts[1]
+
+
+class TestSearch:
+    @settings(max_examples=80, deadline=None)
+    @given(score_matrices, st.floats(0.001, 1.0))
+    def test_total_is_exact_and_counts_valid(self, scores, budget):
+        layers, tokens = scores.shape
+        counts = search_prefix_config(importance_curves(scores), budget)
+        target = min(max(round(budget * layers * tokens), layers), layers * tokens)
+        assert int(counts.sum()) == target
+        assert counts.min() >= 1 and counts.max() <= tokens
+
+    @settings(max_examples=40, deadline=None)
+    @given(score_matrices, st.floats(0.01, 0.99))
+    def test_counts_are_a_common_threshold_configuration(self, scores, budget):
+        # Every layer's count lies between the prefixes of one shared threshold
+        # pair (p_low, p_high) that brackets the target: no layer is favoured.
+        curves = importance_curves(scores)
+        counts = search_prefix_config(curves, budget)
+        shares_kept = curves.gather(1, (counts - 1).unsqueeze(1)).squeeze(1)
+        shares_before = torch.where(
+            counts > 1, curves.gather(1, (counts - 2).clamp(min=0).unsqueeze(1)).squeeze(1), torch.zeros_like(shares_kept)
+        )
+        assert shares_before.max() <= shares_kept.min() + 1e-9
+
+    def test_budget_one_keeps_everything(self):
+        counts = search_prefix_config(importance_curves(torch.rand(5, 33)), 1.0)
+        assert counts.tolist() == [33] * 5
+
+    def test_deterministic(self):
+        curves = importance_curves(torch.randint(0, 4, (8, 64)).float())
+        results = {tuple(search_prefix_config(curves, 0.37).tolist()) for _ in range(5)}
+        assert len(results) == 1
+
+    @pytest.mark.parametrize("budget", [0.0, -0.1, 1.01, float("nan")])
+    def test_rejects_budget_outside_unit_interval(self, budget):
+        with pytest.raises(ValueError, match="budget"):
+            search_prefix_config(importance_curves(torch.rand(2, 4)), budget)
+
+    def test_single_token_prompt(self):
+        assert search_prefix_config(importance_curves(torch.rand(3, 1)), 0.2).tolist() == [1, 1, 1]
+
+
+class TestSelection:
+    def test_protected_tokens_always_kept(self):
+        scores = torch.tensor([[0.0, 9.0, 8.0, 0.0, 7.0, 0.0]])
+        kept = select_tokens(scores, 4, Protection(sink=1, recent=1))
+        assert kept.tolist() == [[0, 1, 2, 5]]
+
+    def test_ties_prefer_earlier_tokens(self):
+        kept = select_tokens(torch.ones(1, 10), 4, Protection(sink=1, recent=1))
+        assert kept.tolist() == [[0, 1, 2, 9]]
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.integers(1, 4), st.integers(1, 60), st.integers(0, 3), st.integers(1, 4), st.data())
+    def test_selection_sorted_unique_and_top(self, rows, length, sink, recent, data):
+        protection = Protection(sink=sink, recent=recent)
+        keep = data.draw(st.integers(protection.count(length), length))
+        scores = torch.rand(rows, length)
+        kept = select_tokens(scores, keep, protection)
+        assert kept.shape == (rows, keep)
+        for row, positions in zip(scores, kept):
+            positions = positions.tolist()
+            assert positions == sorted(set(positions))
+            protected = set(torch.nonzero(protection.mask(length)).flatten().tolist())
+            assert protected <= set(positions)
+            rest = [p for p in positions if p not in protected]
+            dropped = [p for p in range(length) if p not in positions]
+            if rest and dropped:
+                assert min(row[rest]) >= max(row[dropped])
+
+    def test_keep_below_protected_is_an_error(self):
+        with pytest.raises(ValueError):
+            select_tokens(torch.rand(1, 10), 1, Protection(sink=2, recent=1))
+
+
+class TestScorers:
+    def test_mean_divides_by_observers(self):
+        accumulated = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+        assert MeanScorer().scores(accumulated, 4).tolist() == [[1.0, 1.0, 1.0, 1.0]]
+        assert RawScorer().scores(accumulated, 4).tolist() == [[4.0, 3.0, 2.0, 1.0]]
+
+    def test_window_queries_and_head_averaging(self):
+        scorer = WindowScorer(window=8)
+        assert scorer.min_query_pos(100) == 92 and scorer.min_query_pos(5) == 0
+        accumulated = torch.tensor([[8.0, 0.0], [0.0, 8.0]])
+        assert scorer.scores(accumulated, 2).tolist() == [[2.0, 2.0]]
+        assert WindowScorer(per_kv_head=True, window=8).scores(accumulated, 2).shape == (2, 2)
+
+    def test_recency_needs_no_attention(self):
+        scorer = RecencyScorer()
+        assert not scorer.needs_attention
+        assert scorer.scores(torch.zeros(3, 5), 5).argmax().item() == 4
+
+
+class TestPolicies:
+    def test_streaming_keeps_sink_and_recent(self):
+        policy = build_policy("streaming", 0.5, sink=2)
+        kept = policy.plan([torch.rand(3, 10)] * 2, 10)
+        assert [k.tolist() for k in kept] == [[[0, 1, 7, 8, 9]]] * 2
+
+    def test_uniform_budget_and_per_head(self):
+        policy = build_policy("uniform", 0.25, scorer="mean", per_kv_head=True)
+        kept = policy.plan([torch.rand(3, 40) for _ in range(4)], 40)
+        assert all(k.shape == (3, 10) for k in kept)
+
+    def test_prefixkv_online_hits_budget(self):
+        policy = build_policy("prefixkv", 0.3, scorer="raw")
+        accumulated = [torch.rand(3, 50) ** (i + 1) for i in range(6)]
+        kept = policy.plan(accumulated, 50)
+        assert sum(k.shape[1] for k in kept) == pytest.approx(0.3 * 50 * 6, abs=6)
+        assert len({k.shape[1] for k in kept}) > 1
+
+    def test_prefixkv_profile(self):
+        profile = Profile(ModelIdentity("m", 2, 1, 4), "mean", {0.5: (0.75, 0.25)})
+        policy = build_policy("prefixkv", 0.5, profile=profile)
+        assert policy.keep_counts(100, 2).tolist() == [75, 25]
+        with pytest.raises(ProfileError, match="no entry for budget 0.3"):
+            build_policy("prefixkv", 0.3, profile=profile)
+
+    def test_budget_one_keeps_all_tokens(self):
+        for name in ("prefixkv", "uniform", "streaming"):
+            kept = build_policy(name, 1.0).plan([torch.rand(3, 17)] * 3, 17)
+            assert all(k.tolist() == [list(range(17))] for k in kept)
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            (dict(name="h2o", budget=0.2), "unknown KV policy"),
+            (dict(name="prefixkv", budget=0.0), r"\(0, 1\]"),
+            (dict(name="prefixkv", budget=1.5), r"\(0, 1\]"),
+            (dict(name="prefixkv", budget=0.2, scorer="max"), "unknown scorer"),
+            (dict(name="uniform", budget=0.5, profile=Profile(ModelIdentity("m", 1, 1, 1), "mean", {0.5: (0.5,)})), "profile"),
+        ],
+    )
+    def test_bad_configuration(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            build_policy(**kwargs)
+
+    def test_none_is_stock(self):
+        assert build_policy("none", 1.0) is None
+
+
+class TestProfile:
+    def make(self):
+        return Profile(
+            ModelIdentity("SmolLM2", 3, 3, 64), "mean", {0.2: (0.4, 0.1, 0.1), 0.5: (0.8, 0.4, 0.3)}, {"samples": 4}
+        )
+
+    def test_round_trip(self, tmp_path):
+        path = tmp_path / "profile.json"
+        self.make().save(path)
+        loaded = Profile.load(path)
+        assert loaded == self.make()
+        assert loaded.keep_ratios(0.2) == (0.4, 0.1, 0.1)
+
+    def test_model_mismatch(self):
+        with pytest.raises(ProfileError, match="profile is for SmolLM2"):
+            self.make().check_model(30, 3, 64)
+        self.make().check_model(3, 3, 64)
+
+    @pytest.mark.parametrize(
+        "mutate, message",
+        [
+            (lambda d: d.update(format="other"), "not a PrefixKV profile"),
+            (lambda d: d.update(version=2), "unsupported profile version"),
+            (lambda d: d["model"].pop("num_layers"), "malformed"),
+            (lambda d: d["model"].update(num_layers=0), "positive integer"),
+            (lambda d: d["entries"][0].update(keep_ratios=[0.4, 0.1]), "2 ratios for 3 layers"),
+            (lambda d: d["entries"][0].update(keep_ratios=[1.5, 0.1, -1.0]), "outside"),
+            (lambda d: d["entries"][0].update(budget=0.3), "averages"),
+            (lambda d: d["entries"][0].update(budget=0.0), "outside"),
+            (lambda d: d["entries"].append(dict(d["entries"][0])), "twice"),
+            (lambda d: d["entries"][0].update(keep_ratios="abc"), "malformed"),
+            (lambda d: d.update(entries=[]), "no entries"),
+        ],
+    )
+    def test_validation(self, tmp_path, mutate, message):
+        data = self.make().to_json()
+        mutate(data)
+        path = tmp_path / "profile.json"
+        path.write_text(json.dumps(data))
+        with pytest.raises(ProfileError, match=message):
+            Profile.load(path)
+
+    def test_unreadable_files(self, tmp_path):
+        with pytest.raises(ProfileError, match="cannot read"):
+            Profile.load(tmp_path / "missing.json")
+        (tmp_path / "bad.json").write_text("{not json")
+        with pytest.raises(ProfileError, match="not valid JSON"):
+            Profile.load(tmp_path / "bad.json")
+
+    def test_average_keep_ratios(self):
+        ratios = average_keep_ratios([[50, 10], [30, 30]], [100, 100])
+        assert all(math.isclose(a, b) for a, b in zip(ratios, (0.4, 0.2)))
