@@ -68,10 +68,6 @@ void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
               ": query head_dim must be contiguous (stride(2) == 1), got "
               "strides ",
               query.strides());
-  TORCH_CHECK(last_dim_contiguous(key_cache), op,
-              ": key_cache head_dim must be contiguous (stride(3) == 1), got "
-              "strides ",
-              key_cache.strides());
 
   const int64_t num_q_heads = query.size(1);
   const int64_t head_dim = query.size(2);
@@ -137,14 +133,6 @@ void check_compact_args(const at::Tensor& key_cache,
   TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op,
               ": value_cache dtype ", value_cache.scalar_type(),
               " != key_cache dtype ", key_cache.scalar_type());
-  TORCH_CHECK(last_dim_contiguous(key_cache), op,
-              ": key_cache head_dim must be contiguous (stride(3) == 1), got "
-              "strides ",
-              key_cache.strides());
-  TORCH_CHECK(last_dim_contiguous(value_cache), op,
-              ": value_cache head_dim must be contiguous (stride(3) == 1), got "
-              "strides ",
-              value_cache.strides());
   TORCH_CHECK(key_cache.size(1) > 0, op, ": key_cache block_size must be > 0");
 
   check_int32_index(block_table, op, "block_table", 2);

@@ -7,7 +7,6 @@
 // dtype works, fp8/uint8 included.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -72,15 +71,16 @@ void compact_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
 
   struct Cache {
     char* data;
-    int64_t block_stride, slot_stride, head_stride;  // in bytes
+    int64_t block_stride, slot_stride, head_stride, dim_stride;  // in bytes
   };
-  auto describe = [](at::Tensor& c) {
-    const int64_t es = static_cast<int64_t>(c.element_size());
-    return Cache{static_cast<char*>(c.data_ptr()), c.stride(0) * es,
-                 c.stride(1) * es, c.stride(2) * es};
+  const int64_t element_size = static_cast<int64_t>(key_cache.element_size());
+  auto describe = [element_size](at::Tensor& c) {
+    return Cache{static_cast<char*>(c.data_ptr()), c.stride(0) * element_size,
+                 c.stride(1) * element_size, c.stride(2) * element_size,
+                 c.stride(3) * element_size};
   };
   const Cache caches[2] = {describe(key_cache), describe(value_cache)};
-  const size_t row_bytes = static_cast<size_t>(head_dim) * key_cache.element_size();
+  const size_t row_bytes = static_cast<size_t>(head_dim * element_size);
 
   const int64_t num_work = num_requests * num_kv_heads;
   const int nthreads =
@@ -102,7 +102,13 @@ void compact_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
       for (const Cache& c : caches) {
         char* dst_ptr = c.data + db * c.block_stride + ds * c.slot_stride + g * c.head_stride;
         const char* src_ptr = c.data + sb * c.block_stride + ss * c.slot_stride + g * c.head_stride;
-        std::memmove(dst_ptr, src_ptr, row_bytes);
+        if (c.dim_stride == element_size || head_dim == 1) {
+          std::memmove(dst_ptr, src_ptr, row_bytes);
+        } else {  // vLLM's CPU cache stores keys transposed: strided head_dim
+          for (int64_t d = 0; d < head_dim; ++d) {
+            std::memcpy(dst_ptr + d * c.dim_stride, src_ptr + d * c.dim_stride, element_size);
+          }
+        }
       }
     }
   }

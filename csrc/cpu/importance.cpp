@@ -13,7 +13,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +22,12 @@
 #include <vector>
 
 #include "ops.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+// The v8f helpers have internal linkage, so the vector-ABI note GCC gives
+// when a target lacks 256-bit registers (e.g. no -mavx) does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace prefixkv {
 namespace {
@@ -59,7 +64,7 @@ inline float hmax(v8f v) {
 }
 inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
 
-// exp(x), relative error < 1e-7 (Cephes polynomial). Exactly 0 below ~-87.7
+// exp(x), relative error ~1e-7 (Cephes polynomial). Exactly 0 below ~-87.7
 // (so -inf gives 0); inputs are clamped to [-88, 88].
 inline v8f exp_v8(v8f x) {
   const v8f lo = splat(-88.0f), hi = splat(88.0f);
@@ -84,7 +89,7 @@ inline v8f exp_v8(v8f x) {
 template <typename scalar_t>
 struct PagedKeys {
   const scalar_t* data;
-  int64_t block_stride, slot_stride, head_stride;
+  int64_t block_stride, slot_stride, head_stride, dim_stride;
   int64_t block_size;
 };
 
@@ -99,8 +104,9 @@ void gather_key_tile(const PagedKeys<scalar_t>& keys, const int32_t* block_ids,
     const scalar_t* src = keys.data + block * keys.block_stride +
                           (t % keys.block_size) * keys.slot_stride +
                           head * keys.head_stride;
+    // vLLM's CPU cache stores keys transposed, so head_dim may be strided.
     for (int d = 0; d < head_dim; ++d) {
-      Kt[static_cast<int64_t>(d) * kKeyTile + j] = static_cast<float>(src[d]);
+      Kt[static_cast<int64_t>(d) * kKeyTile + j] = static_cast<float>(src[d * keys.dim_stride]);
     }
   }
   if (n < kKeyTile) {
@@ -159,7 +165,7 @@ __attribute__((noinline)) void block_probs(const float* const* q, const float* K
     const v8f l = splat(lse[r]);
     const v8f p0 = exp_v8(s0 - l), p1 = exp_v8(s1 - l);
     if (kMasked) {
-      // Column c + lane is kept iff c + lane < lim[r].
+      // Column c + lane (s0) / c + 8 + lane (s1) is kept iff it is < lim[r].
       const v8i rel = lane - (lim[r] - c);
       const v8f zero = splat(0.0f);
       acc[c / kLanes] += rel < 0 ? p0 : zero;
@@ -240,7 +246,7 @@ void importance_impl(const at::Tensor& qf,  // [T, Hq, D] float, contiguous
 
   PagedKeys<scalar_t> keys{key_cache.data_ptr<scalar_t>(), key_cache.stride(0),
                            key_cache.stride(1), key_cache.stride(2),
-                           key_cache.size(1)};
+                           key_cache.stride(3), key_cache.size(1)};
   const int nthreads = num_threads_for_op();
 
   auto q_row = [&](int64_t token, int64_t head) {

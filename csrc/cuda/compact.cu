@@ -61,10 +61,12 @@ struct KeepArgs {
   int64_t max_keep;        // K
   int64_t block_size;
   int64_t max_blocks;
+  int64_t num_blocks;
 };
 
 // Byte offset of token `pos`'s row for head g, or -1 when `pos` falls outside
-// the request's block-table row (invalid input: skipped rather than faulting).
+// the request's block-table row or its block id is out of range (invalid input
+// that the CPU backend rejects; skipped here rather than faulting).
 __device__ __forceinline__ int64_t row_offset(const CacheBytes& c, const KeepArgs& k,
                                               const int32_t* bt_row, int64_t pos,
                                               int64_t g) {
@@ -72,7 +74,7 @@ __device__ __forceinline__ int64_t row_offset(const CacheBytes& c, const KeepArg
   const int64_t block_idx = pos / k.block_size;
   if (block_idx >= k.max_blocks) return -1;
   const int64_t block = bt_row[block_idx * k.bt_stride_col];
-  if (block < 0) return -1;
+  if (block < 0 || block >= k.num_blocks) return -1;
   return block * c.stride_block + (pos % k.block_size) * c.stride_slot + g * c.stride_head;
 }
 
@@ -182,14 +184,16 @@ cudaError_t launch_compact(const CompactParams& p, cudaStream_t stream) {
       (p.num_keep_heads != 1 && p.num_keep_heads != p.num_kv_heads)) {
     return cudaErrorInvalidValue;
   }
-  if (p.num_requests == 0 || p.num_kv_heads == 0 || p.max_keep <= 0 || p.max_blocks <= 0) {
+  if (p.num_requests == 0 || p.num_kv_heads == 0 || p.max_keep <= 0 || p.max_blocks <= 0 ||
+      p.num_blocks <= 0) {
     return cudaSuccess;
   }
   if (p.num_requests > 65535 || p.num_kv_heads > 0x7fffffff) return cudaErrorInvalidValue;
 
   const KeepArgs k{p.block_table,  p.bt_stride_row,  p.bt_stride_col, p.keep_indices,
                    p.ki_stride_req, p.ki_stride_head, p.ki_stride_pos, p.num_kept,
-                   p.num_keep_heads, p.max_keep,      p.block_size,    p.max_blocks};
+                   p.num_keep_heads, p.max_keep,      p.block_size,    p.max_blocks,
+                   p.num_blocks};
   const CacheBytes keys{static_cast<char*>(p.key_cache), p.k_stride_block * p.k_element_size,
                         p.k_stride_slot * p.k_element_size,
                         p.k_stride_head * p.k_element_size, p.k_head_dim * p.k_element_size};

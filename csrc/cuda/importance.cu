@@ -15,8 +15,8 @@
 //   tiles of 32 keys (grid-stride over tiles). Lane j owns key j of the tile
 //   and accumulates exp(scale * q.k - lse) over the group's query heads and the
 //   scored causal queries, staged 32 at a time. Each (b, g, key) is written by
-//   exactly one thread with a plain +=: no atomics, deterministic results for
-//   a fixed launch configuration.
+//   exactly one thread with a plain +=: no atomics, and deterministic results
+//   (a key's summation order does not depend on the grid size or SM count).
 //
 // Nothing here reads device values on the host: no synchronisation, and the
 // launches are safe to capture in a CUDA graph.
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kLseThreads)
     const int nk = min(kTile, num_keys - k0);
     __syncthreads();  // s_q is loaded / previous key tile fully consumed
     load_tile(s_k, ld, head_dim, nk,
-                  [&](int r) { return key_row(p, key_cache, bt_row, k0 + r, g); });
+              [&](int r) { return key_row(p, key_cache, bt_row, k0 + r, g); });
     __syncthreads();
     for (int j = warp; j < nk; j += kLseWarps) {
       const float* k_row = s_k + j * ld;
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kLseThreads)
     }
     const int64_t t = static_cast<int64_t>(q_begin) + row0 + lane;
     p.lse[static_cast<int64_t>(h) * p.lse_stride_head + t * p.lse_stride_token] =
-        sum > 0.f ? max_all + logf(sum) : -INFINITY;
+        sum == 0.f ? -INFINITY : max_all + logf(sum);  // NaN propagates
   }
 }
 
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kScoreThreads)
 
     __syncthreads();  // previous tile's s_k / s_acc readers are done
     load_tile(s_k, ld, head_dim, nk,
-                  [&](int r) { return key_row(p, key_cache, bt_row, k0 + r, g); });
+              [&](int r) { return key_row(p, key_cache, bt_row, k0 + r, g); });
     const int my_key = k0 + lane;
     const bool lane_valid = lane < nk;
     float acc = 0.f;
@@ -292,7 +292,7 @@ cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem_bytes) {
 
 cudaError_t check_shapes(const ImportanceParams& p) {
   if (p.num_q_heads <= 0 || p.num_kv_heads <= 0 || p.num_q_heads % p.num_kv_heads != 0 ||
-      p.head_dim <= 0 || p.block_size <= 0 || p.num_seqs < 0 || p.num_tokens < 0 ||
+      p.head_dim < 0 || p.block_size <= 0 || p.num_seqs < 0 || p.num_tokens < 0 ||
       p.max_keys < 0) {
     return cudaErrorInvalidValue;
   }

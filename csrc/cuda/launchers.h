@@ -122,6 +122,7 @@ struct CompactParams {
   int64_t max_keep = 0;         // K
   int64_t block_size = 0;
   int64_t max_blocks = 0;       // block_table.size(1)
+  int64_t num_blocks = 0;       // key_cache.size(0); block ids outside [0, num_blocks) are skipped
 };
 
 // For every request r and KV head g: token slot t < num_kept[r] of head g

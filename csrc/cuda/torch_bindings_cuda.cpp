@@ -3,7 +3,12 @@
 //
 // Neither op reads device memory on the host, so both are free of host
 // synchronisation and may be captured in a CUDA graph (the lse workspace comes
-// from the caching allocator).
+// from the caching allocator). The flip side: unlike the CPU backend, the
+// contents of the index tensors (query_start_loc order, seq_lens vs. q_len,
+// max_keys and block_table width, block ids, keep_indices order and range,
+// num_kept) are not validated here; the kernels trust them. They only guard
+// their writes: importance never writes scores at j >= max_keys, compact clamps
+// num_kept to K and skips tokens whose position or block id is out of range.
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -31,14 +36,15 @@ cuda::ScalarKind scalar_kind(const at::Tensor& t, const char* op, const char* na
   }
 }
 
-void check_on_device(const at::Tensor& t, const at::Device& device, const char* op,
-                     const char* name) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
-              " but the op runs on ", device);
-}
-
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// The CUDA kernels copy head_dim rows with vector loads, as laid out by
+// FlashAttention's cache; the CPU kernels also take strided head dims.
+void check_contiguous_head_dim(const at::Tensor& cache, const char* op, const char* name) {
+  TORCH_CHECK(cache.size(3) <= 1 || cache.stride(3) == 1, op, ": ", name,
+              " head_dim must be contiguous on CUDA (stride(3) == 1), got strides ", cache.strides());
 }
 
 void importance_cuda(const at::Tensor& query, const at::Tensor& key_cache,
@@ -49,29 +55,13 @@ void importance_cuda(const at::Tensor& query, const at::Tensor& key_cache,
   check_importance_args(query, key_cache, block_table, query_start_loc, seq_lens,
                         min_query_pos, scores, lse);
 
-  // What the kernels rely on beyond the shared validation (cheap re-checks).
+  // check_importance_args has checked devices, dims, dtypes (query and
+  // key_cache share one of float32 / float16 / bfloat16) and shapes; the
+  // dispatcher only routes CUDA tensors here.
+  check_contiguous_head_dim(key_cache, kOp, "key_cache");
   const at::Device device = query.device();
-  TORCH_CHECK(device.is_cuda(), kOp, ": query must be a CUDA tensor");
-  check_on_device(key_cache, device, kOp, "key_cache");
-  check_on_device(block_table, device, kOp, "block_table");
-  check_on_device(query_start_loc, device, kOp, "query_start_loc");
-  check_on_device(seq_lens, device, kOp, "seq_lens");
-  check_on_device(min_query_pos, device, kOp, "min_query_pos");
-  check_on_device(scores, device, kOp, "scores");
-  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4 && scores.dim() == 3, kOp,
-              ": expected query [T, Hq, D], key_cache [N, bs, Hkv, D], scores [B, Hkv, K]");
-  TORCH_CHECK(query.stride(2) == 1 && key_cache.stride(3) == 1, kOp,
-              ": head_dim must be contiguous in query and key_cache");
+  TORCH_INTERNAL_ASSERT(device.is_cuda());
   const int64_t num_seqs = seq_lens.numel();
-  TORCH_CHECK(query.size(2) == key_cache.size(3) && query.size(1) % key_cache.size(2) == 0 &&
-                  block_table.dim() == 2 && block_table.size(0) >= num_seqs &&
-                  query_start_loc.numel() == num_seqs + 1 && min_query_pos.numel() == num_seqs &&
-                  scores.size(0) == num_seqs && scores.size(1) == key_cache.size(2),
-              kOp, ": inconsistent shapes");
-  TORCH_CHECK(block_table.scalar_type() == at::kInt && query_start_loc.scalar_type() == at::kInt &&
-                  seq_lens.scalar_type() == at::kInt && min_query_pos.scalar_type() == at::kInt,
-              kOp, ": block_table, query_start_loc, seq_lens and min_query_pos must be int32");
-  TORCH_CHECK(scores.scalar_type() == at::kFloat, kOp, ": scores must be float32");
 
   const c10::cuda::CUDAGuard guard(device);
   // Same stream as at::cuda::getCurrentCUDAStream() (which forwards here).
@@ -84,10 +74,6 @@ void importance_cuda(const at::Tensor& query, const at::Tensor& key_cache,
   bool compute_lse = false;
   if (lse.has_value()) {
     lse_buf = *lse;
-    check_on_device(lse_buf, device, kOp, "lse");
-    TORCH_CHECK(lse_buf.scalar_type() == at::kFloat && lse_buf.dim() == 2 &&
-                    lse_buf.size(0) == num_q_heads && lse_buf.size(1) == num_tokens,
-                kOp, ": lse must be float32 [Hq, T]");
   } else {
     lse_buf = at::empty({num_q_heads, num_tokens}, query.options().dtype(at::kFloat));
     compute_lse = true;
@@ -140,25 +126,13 @@ void compact_cuda(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tens
   constexpr const char* kOp = "prefixkv.compact";
   check_compact_args(key_cache, value_cache, block_table, keep_indices, num_kept);
 
+  // check_compact_args has checked devices, dims, dtypes, matching key/value
+  // shapes and the R / Hs sizes.
+  check_contiguous_head_dim(key_cache, kOp, "key_cache");
+  check_contiguous_head_dim(value_cache, kOp, "value_cache");
   const at::Device device = key_cache.device();
-  TORCH_CHECK(device.is_cuda(), kOp, ": key_cache must be a CUDA tensor");
-  check_on_device(value_cache, device, kOp, "value_cache");
-  check_on_device(block_table, device, kOp, "block_table");
-  check_on_device(keep_indices, device, kOp, "keep_indices");
-  check_on_device(num_kept, device, kOp, "num_kept");
-  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4 && keep_indices.dim() == 3, kOp,
-              ": expected caches [N, bs, Hkv, D] and keep_indices [R, Hs, K]");
-  TORCH_CHECK(key_cache.stride(3) == 1 && value_cache.stride(3) == 1, kOp,
-              ": head_dim must be contiguous in key_cache and value_cache");
+  TORCH_INTERNAL_ASSERT(device.is_cuda());
   const int64_t num_requests = num_kept.numel();
-  TORCH_CHECK(value_cache.size(1) == key_cache.size(1) && value_cache.size(2) == key_cache.size(2) &&
-                  block_table.dim() == 2 && block_table.size(0) >= num_requests &&
-                  keep_indices.size(0) >= num_requests &&
-                  (keep_indices.size(1) == 1 || keep_indices.size(1) == key_cache.size(2)),
-              kOp, ": inconsistent shapes");
-  TORCH_CHECK(block_table.scalar_type() == at::kInt && keep_indices.scalar_type() == at::kInt &&
-                  num_kept.scalar_type() == at::kInt,
-              kOp, ": block_table, keep_indices and num_kept must be int32");
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
@@ -192,6 +166,7 @@ void compact_cuda(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tens
   p.max_keep = keep_indices.size(2);
   p.block_size = key_cache.size(1);
   p.max_blocks = block_table.size(1);
+  p.num_blocks = key_cache.size(0);
 
   check_launch(cuda::launch_compact(p, stream), kOp);
 }

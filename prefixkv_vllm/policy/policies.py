@@ -56,6 +56,8 @@ def build_policy(
         raise ValueError(f"KV budget must be in (0, 1], got {budget}")
     if name == "none":
         return None
+    if recent < 1:
+        raise ValueError(f"recent must be >= 1 (the last prompt token is always kept), got {recent}")
     if profile is not None and name != "prefixkv":
         raise ValueError(f"a profile sets per-layer ratios; the {name!r} policy does not use one")
     protection = Protection(sink=sink, recent=recent)

@@ -12,16 +12,17 @@ class Protection:
     """Tokens kept whatever their score.
 
     ``sink`` first tokens (attention sinks; the paper protects 1, the BOS) and the
-    ``recent`` last prompt tokens. The last prompt token is always protected: the
-    first decoded token is computed from it.
+    ``recent`` last prompt tokens. User-facing policies protect at least the last
+    prompt token (the first decoded token is computed from it); ``recent=0`` is
+    for the paged layout, where the prompt's tail already stays in place.
     """
 
     sink: int = 1
     recent: int = 1
 
     def __post_init__(self):
-        if self.sink < 0 or self.recent < 1:
-            raise ValueError(f"need sink >= 0 and recent >= 1, got sink={self.sink} recent={self.recent}")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError(f"need sink >= 0 and recent >= 0, got sink={self.sink} recent={self.recent}")
 
     def count(self, prompt_len: int) -> int:
         return min(prompt_len, self.sink + self.recent)

@@ -1,0 +1,1 @@
+"""The vLLM adapter: plugin registration, flags, KV spec and manager, attention backends."""

@@ -1,0 +1,1 @@
+"""Attention backends: stock kernels, plus PrefixKV scoring, compaction and effective metadata."""

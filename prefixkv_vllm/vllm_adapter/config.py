@@ -1,0 +1,76 @@
+"""The plugin's settings, carried through vLLM as ``additional_config``.
+
+``--kv-policy prefixkv --kv-budget 0.2`` and ``--additional-config
+'{"kv_policy": "prefixkv", "kv_budget": 0.2}'`` produce the same dict, which
+vLLM hands to every process (and hashes into its compile cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..policy import POLICY_NAMES, SCORERS
+
+
+class PrefixKVConfigError(ValueError):
+    """A setting that cannot work; raised at start-up with a one-line reason."""
+
+
+@dataclass(frozen=True)
+class PrefixKVConfig:
+    policy: str = "none"
+    budget: float = 0.2
+    scorer: str = "window"
+    window: int = 32
+    sink: int = 1
+    recent: int = 1
+    per_kv_head: bool = False
+    tiers: int = 0  # KV-cache groups for the per-layer ratios; 0 = one per layer
+    profile: str | None = None
+    # Per-layer keep ratios, resolved once at start-up (profile or calibration).
+    keep_ratios: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        if self.policy not in POLICY_NAMES:
+            raise PrefixKVConfigError(f"unknown --kv-policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0.0 < self.budget <= 1.0):
+            raise PrefixKVConfigError(f"--kv-budget must be in (0, 1], got {self.budget!r}")
+        scorers = [name for name in SCORERS]
+        if self.scorer not in scorers:
+            raise PrefixKVConfigError(f"unknown --kv-scorer {self.scorer!r}; choose one of {', '.join(scorers)}")
+        for name, minimum in (("window", 1), ("sink", 0), ("recent", 1), ("tiers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise PrefixKVConfigError(f"--kv-{name} must be an integer >= {minimum}, got {value!r}")
+        if self.profile is not None and self.policy != "prefixkv":
+            raise PrefixKVConfigError(f"--kv-profile sets per-layer ratios; --kv-policy {self.policy} does not use one")
+
+    @property
+    def active(self) -> bool:
+        return self.policy != "none"
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "PrefixKVConfig":
+        data = additional_config if isinstance(additional_config, dict) else {}
+        kwargs = {}
+        for field in dataclasses.fields(cls):
+            key = f"kv_{field.name}"
+            if key in data:
+                kwargs[field.name] = data[key]
+        if kwargs.get("keep_ratios") is not None:
+            kwargs["keep_ratios"] = tuple(float(r) for r in kwargs["keep_ratios"])
+        if isinstance(kwargs.get("budget"), (int, float)) and not isinstance(kwargs.get("budget"), bool):
+            kwargs["budget"] = float(kwargs["budget"])
+        return cls(**kwargs)
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return {
+            f"kv_{f.name}": (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+            for f in dataclasses.fields(self)
+        }
+
+    def with_keep_ratios(self, ratios: tuple[float, ...]) -> "PrefixKVConfig":
+        return dataclasses.replace(self, keep_ratios=tuple(ratios))

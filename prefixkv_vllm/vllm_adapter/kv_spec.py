@@ -1,0 +1,61 @@
+"""A KV-cache spec that carries a layer's keep ratio, and the manager that frees its blocks.
+
+Layers whose specs differ land in different KV-cache groups (vLLM's hybrid
+allocator), so each group can free its own share of every prompt. The manager
+runs in the scheduler process and frees, once a prompt has been processed, the
+blocks behind the layer's kept prefix; it learns nothing from the worker, both
+sides derive the same count from ``kept_prompt_blocks``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+
+from ..policy.paged import kept_prompt_blocks
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixKVAttentionSpec(FullAttentionSpec):
+    keep_ratio: float = 1.0
+    sink: int = 1
+    recent: int = 1
+
+    @property
+    def prefixkv_settings(self) -> tuple[float, int, int]:
+        return (self.keep_ratio, self.sink, self.recent)
+
+    def kept_blocks(self, prompt_len: int) -> int:
+        return kept_prompt_blocks(prompt_len, self.keep_ratio, self.block_size, self.sink, self.recent)
+
+    @classmethod
+    def merge(cls, specs: list["PrefixKVAttentionSpec"]) -> "PrefixKVAttentionSpec":
+        # FullAttentionSpec.merge rebuilds the spec from its own fields only.
+        settings = {spec.prefixkv_settings for spec in specs}
+        if len(settings) != 1:
+            raise ValueError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
+        keep_ratio, sink, recent = settings.pop()
+        merged = super().merge(specs)
+        return dataclasses.replace(merged, keep_ratio=keep_ratio, sink=sink, recent=recent)
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        # The default isinstance check would fold every tier back into one group.
+        return all(
+            isinstance(spec, PrefixKVAttentionSpec) and spec.prefixkv_settings == self.prefixkv_settings
+            for spec in kv_cache_specs.values()
+        )
+
+
+class PrefixKVAttentionManager(FullAttentionManager):
+    def remove_skipped_blocks(
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
+    ) -> None:
+        if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
+            return  # the worker compacts in the step that finishes the prompt
+        spec: PrefixKVAttentionSpec = self.kv_cache_spec
+        full_blocks = num_prompt_tokens // self.block_size
+        # Walks backwards and stops at the first freed block, so repeats are no-ops.
+        self._remove_blocks_in_range(request_id, spec.kept_blocks(num_prompt_tokens), full_blocks)

@@ -1,0 +1,182 @@
+"""The ``vllm.general_plugins`` entry point (plugin name: ``prefixkv``).
+
+vLLM calls ``register()`` in every process it starts: the API server, the
+engine core and each worker. It must stay idempotent and cheap. It
+
+* adds the ``--kv-*`` flags and folds them into ``additional_config``;
+* checks the settings and resolves the per-layer keep ratios once, when the
+  engine config is created (so every process sees the same ratios);
+* registers the KV-cache spec and manager that free evicted blocks;
+* overrides the CPU attention backend, which does nothing new unless a policy
+  is active;
+* wraps two model-runner methods: per-layer specs, and publishing prompt
+  lengths to the attention-metadata builders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+from .config import PrefixKVConfig, PrefixKVConfigError
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    _add_cli_flags()
+    _resolve_at_engine_config()
+    _register_kv_spec()
+    _register_attention_backends()
+    _wrap_model_runner()
+
+
+# --- CLI ---------------------------------------------------------------------
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _add_flags(parser):
+    from ..policy import POLICY_NAMES, SCORERS
+
+    group = parser.add_argument_group("PrefixKV", "Per-layer KV-cache budgets after prefill (prefixkv-vllm)")
+    group.add_argument("--kv-policy", choices=POLICY_NAMES, default=argparse.SUPPRESS, help="KV eviction policy (default: none, stock vLLM)")
+    group.add_argument("--kv-budget", type=_budget, default=argparse.SUPPRESS, help="mean fraction of prompt KV kept across layers, in (0, 1] (default 0.2)")
+    group.add_argument("--kv-profile", default=argparse.SUPPRESS, help="JSON profile of per-layer keep ratios (prefixkv); without one, ratios are calibrated at start-up and cached")
+    group.add_argument("--kv-scorer", choices=list(SCORERS), default=argparse.SUPPRESS, help="token importance score (default: window)")
+    group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS, help="queries the window scorer reads (default 32)")
+    group.add_argument("--kv-sink", type=int, default=argparse.SUPPRESS, help="first prompt tokens always kept (default 1)")
+    group.add_argument("--kv-recent", type=int, default=argparse.SUPPRESS, help="last prompt tokens always kept (default 1)")
+    group.add_argument("--kv-per-kv-head", action="store_true", default=argparse.SUPPRESS, help="select tokens per KV head instead of per layer")
+    group.add_argument("--kv-tiers", type=int, default=argparse.SUPPRESS, help="KV-cache groups for the per-layer ratios (0: one per layer, the default)")
+    return parser
+
+
+_FLAGS = ("kv_policy", "kv_budget", "kv_profile", "kv_scorer", "kv_window", "kv_sink", "kv_recent", "kv_per_kv_head", "kv_tiers")
+
+
+def _add_cli_flags() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original_add = EngineArgs.add_cli_args
+    original_from = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original_add(parser, *args, **kwargs)
+        if not any(a.dest == "kv_policy" for a in parser._actions):
+            _add_flags(parser)
+        return parser
+
+    def from_cli_args(cls, args):
+        engine_args = original_from(cls, args)
+        # Flag names double as additional_config keys; unset flags leave it alone.
+        flags = {name: getattr(args, name) for name in _FLAGS if hasattr(args, name)}
+        if flags:
+            additional = dict(engine_args.additional_config or {})
+            additional.update(flags)
+            engine_args.additional_config = additional
+        return engine_args
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+# --- start-up: check the settings, resolve ratios, configure the engine -------
+
+
+def _resolve_at_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        from .startup import configure_engine
+
+        configure_engine(vllm_config)
+        return vllm_config
+
+    EngineArgs.create_engine_config = create_engine_config
+
+
+# --- KV-cache spec and manager -------------------------------------------------
+
+
+def _register_kv_spec() -> None:
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from .kv_spec import PrefixKVAttentionManager, PrefixKVAttentionSpec
+
+    # The registry skips its built-ins once anything is registered: add them first.
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(
+        PrefixKVAttentionSpec, PrefixKVAttentionManager, uniform_type_base_spec=PrefixKVAttentionSpec
+    )
+
+
+# --- attention backends --------------------------------------------------------
+
+
+def _register_attention_backends() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    # The CPU platform always resolves CPU_ATTN; overriding the member is the way in.
+    register_backend(AttentionBackendEnum.CPU_ATTN, "prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend")
+
+
+# --- model runner --------------------------------------------------------------
+
+
+def _wrap_model_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .startup import layer_specs
+    from .worker_state import SCORES, BatchInfo, publish_batch
+
+    original_specs = GPUModelRunner.get_kv_cache_spec
+    original_build = GPUModelRunner._build_attention_metadata
+
+    def runner_config(runner) -> PrefixKVConfig:
+        config = runner.__dict__.get("_prefixkv_config")
+        if config is None:
+            config = runner._prefixkv_config = PrefixKVConfig.from_additional_config(
+                runner.vllm_config.additional_config
+            )
+        return config
+
+    @functools.wraps(original_specs)
+    def get_kv_cache_spec(self):
+        specs = original_specs(self)
+        config = runner_config(self)
+        return layer_specs(specs, config) if config.active else specs
+
+    @functools.wraps(original_build)
+    def _build_attention_metadata(self, *args, **kwargs):
+        if not runner_config(self).active:
+            return original_build(self, *args, **kwargs)
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        SCORES.retain(batch.req_id_to_index)
+        info = BatchInfo(req_ids=list(batch.req_ids[:num_reqs]), prompt_lens=batch.num_prompt_tokens[:num_reqs].copy())
+        with publish_batch(info):
+            return original_build(self, *args, **kwargs)
+
+    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
+
+
+__all__ = ["register", "PrefixKVConfigError"]

@@ -1,0 +1,121 @@
+"""Start-up: check the model and settings, fix the per-layer ratios, build the layer specs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+
+from ..policy import Profile, ProfileError
+from ..policy.paged import evicted_tokens
+from .config import PrefixKVConfig, PrefixKVConfigError
+from .kv_spec import PrefixKVAttentionSpec
+
+logger = init_logger(__name__)
+
+
+def configure_engine(vllm_config) -> None:
+    """Validate, resolve ratios into ``additional_config``, and turn off prefix caching."""
+    config = PrefixKVConfig.from_additional_config(vllm_config.additional_config)
+    if not config.active:
+        return
+    model_config = vllm_config.model_config
+    _check_supported(vllm_config)
+    num_layers = model_config.get_num_layers(vllm_config.parallel_config)
+    if config.tiers and num_layers % config.tiers:
+        raise PrefixKVConfigError(f"--kv-tiers {config.tiers} must divide the model's {num_layers} layers evenly")
+    if config.keep_ratios is None:
+        config = config.with_keep_ratios(_keep_ratios(config, vllm_config, num_layers))
+    elif len(config.keep_ratios) != num_layers:
+        raise PrefixKVConfigError(f"kv_keep_ratios has {len(config.keep_ratios)} entries for {num_layers} layers")
+    if len(set(config.keep_ratios)) > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        raise PrefixKVConfigError("per-layer KV budgets need vLLM's hybrid KV-cache manager; drop --disable-hybrid-kv-cache-manager")
+    vllm_config.additional_config = {**(vllm_config.additional_config or {}), **config.to_additional_config()}
+    if vllm_config.cache_config.enable_prefix_caching:
+        vllm_config.cache_config.enable_prefix_caching = False
+        logger.info("PrefixKV: prefix caching is off (compaction rewrites prompt blocks in place)")
+    _log_plan(config, vllm_config.cache_config.block_size)
+
+
+def _check_supported(vllm_config) -> None:
+    model_config = vllm_config.model_config
+    reasons = []
+    if model_config.is_encoder_decoder:
+        reasons.append("encoder-decoder models")
+    if model_config.use_mla:
+        reasons.append("MLA attention")
+    if model_config.get_sliding_window() is not None or getattr(model_config.hf_text_config, "layer_types", None):
+        reasons.append("sliding-window or mixed attention layers")
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding")
+    if reasons:
+        raise PrefixKVConfigError(f"PrefixKV does not support {', '.join(reasons)} ({model_config.model})")
+
+
+def _keep_ratios(config: PrefixKVConfig, vllm_config, num_layers: int) -> tuple[float, ...]:
+    if config.policy in ("uniform", "streaming"):
+        return (config.budget,) * num_layers
+    model_config = vllm_config.model_config
+    if config.profile is not None:
+        try:
+            profile = Profile.load(config.profile)
+            profile.check_model(num_layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
+            return profile.keep_ratios(config.budget)
+        except ProfileError as exc:
+            raise PrefixKVConfigError(f"--kv-profile {config.profile}: {exc}") from None
+    from ..tools.calibrate import cached_calibration
+
+    profile = cached_calibration(model_config.model, config.budget, config.scorer, config.window)
+    profile.check_model(num_layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
+    return profile.keep_ratios(config.budget)
+
+
+def _log_plan(config: PrefixKVConfig, block_size: int) -> None:
+    ratios = config.keep_ratios
+    reference_prompt = 2048
+    evicted = sum(evicted_tokens(reference_prompt, r, block_size, config.sink, config.recent) for r in ratios)
+    saving = evicted / (reference_prompt * len(ratios))
+    logger.info(
+        "PrefixKV: policy=%s budget=%g scorer=%s; keep ratios per layer: %s; "
+        "a %d-token prompt frees %.0f%% of its KV cache after prefill (block size %d)",
+        config.policy,
+        config.budget,
+        config.scorer,
+        " ".join(f"{r:.2f}" for r in ratios),
+        reference_prompt,
+        100 * saving,
+        block_size,
+    )
+
+
+def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig) -> dict[str, KVCacheSpec]:
+    """Each attention layer's spec, carrying its (tiered) keep ratio."""
+    for name, spec in specs.items():
+        if type(spec) is not FullAttentionSpec:
+            raise PrefixKVConfigError(f"PrefixKV supports full attention only; layer {name} has {type(spec).__name__}")
+    names = sorted(specs, key=extract_layer_index)
+    ratios = _tiered(config.keep_ratios, config.tiers)
+    if len(ratios) != len(names):
+        raise PrefixKVConfigError(f"{len(ratios)} keep ratios for {len(names)} attention layers")
+    converted = {}
+    for name, ratio in zip(names, ratios):
+        fields = {f.name: getattr(specs[name], f.name) for f in dataclasses.fields(FullAttentionSpec) if f.init}
+        converted[name] = PrefixKVAttentionSpec(**fields, keep_ratio=ratio, sink=config.sink, recent=config.recent)
+    return converted
+
+
+def _tiered(ratios: tuple[float, ...], tiers: int) -> list[float]:
+    """Layers sorted by ratio and cut into ``tiers`` equal groups, each at its mean ratio."""
+    if not tiers or tiers >= len(ratios) or len(set(ratios)) == 1:
+        return list(ratios)
+    order = sorted(range(len(ratios)), key=lambda layer: ratios[layer])
+    size = len(ratios) // tiers
+    tiered = list(ratios)
+    for start in range(0, len(order), size):
+        members = order[start : start + size]
+        mean = sum(ratios[m] for m in members) / len(members)
+        for m in members:
+            tiered[m] = mean
+    return tiered

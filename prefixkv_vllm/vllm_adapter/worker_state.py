@@ -1,0 +1,97 @@
+"""Worker-process state shared by the attention backends.
+
+vLLM hands attention-metadata builders no prompt lengths or request ids. The
+plugin wraps the model runner's metadata construction to publish them here for
+the duration of each step (``current_batch``), and keeps the importance scores
+that a prompt accumulates over its prefill chunks (``ScoreStore``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..policy import KVPolicy, build_policy
+from .config import PrefixKVConfig
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """Rows of this step's batch, in the order of the attention metadata."""
+
+    req_ids: list[str]
+    prompt_lens: np.ndarray  # int64 [num_reqs]
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def publish_batch(batch: BatchInfo) -> Iterator[None]:
+    previous = getattr(_local, "batch", None)
+    _local.batch = batch
+    try:
+        yield
+    finally:
+        _local.batch = previous
+
+
+def current_batch() -> BatchInfo | None:
+    return getattr(_local, "batch", None)
+
+
+class ScoreStore:
+    """Accumulated attention ``[Hkv, P]`` per (request, layer) until the prompt is compacted."""
+
+    def __init__(self) -> None:
+        self._scores: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(self, req_id: str, layer_name: str, num_kv_heads: int, prompt_len: int, device) -> torch.Tensor:
+        layers = self._scores.setdefault(req_id, {})
+        scores = layers.get(layer_name)
+        if scores is None or scores.shape != (num_kv_heads, prompt_len):
+            scores = layers[layer_name] = torch.zeros(num_kv_heads, prompt_len, dtype=torch.float32, device=device)
+        return scores
+
+    def pop(self, req_id: str, layer_name: str) -> torch.Tensor | None:
+        layers = self._scores.get(req_id)
+        if layers is None:
+            return None
+        scores = layers.pop(layer_name, None)
+        if not layers:
+            del self._scores[req_id]
+        return scores
+
+    def reset(self, req_id: str, layer_name: str) -> None:
+        self.pop(req_id, layer_name)
+
+    def retain(self, live_req_ids) -> None:
+        """Drop the scores of requests that finished, were aborted or were preempted."""
+        for req_id in [r for r in self._scores if r not in live_req_ids]:
+            del self._scores[req_id]
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+
+SCORES = ScoreStore()
+
+
+@functools.lru_cache(maxsize=8)
+def policy_for(config: PrefixKVConfig) -> KVPolicy | None:
+    """The token scorer and protection the worker uses (allocation is fixed per layer)."""
+    return build_policy(
+        config.policy,
+        1.0,  # kept counts come from the layer's spec, not from a budget here
+        scorer=config.scorer,
+        per_kv_head=config.per_kv_head,
+        window=config.window,
+        sink=config.sink,
+        recent=config.recent,
+    )
