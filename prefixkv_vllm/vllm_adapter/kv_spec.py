@@ -36,7 +36,8 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         # FullAttentionSpec.merge rebuilds the spec from its own fields only.
         settings = {spec.prefixkv_settings for spec in specs}
         if len(settings) != 1:
-            raise ValueError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
+            # vLLM's grouping probes merge() and reads an AssertionError as "not uniform".
+            raise AssertionError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
         keep_ratio, sink, recent = settings.pop()
         merged = super().merge(specs)
         return dataclasses.replace(merged, keep_ratio=keep_ratio, sink=sink, recent=recent)

@@ -13,7 +13,7 @@ from ..policy.paged import evicted_tokens
 from .config import PrefixKVConfig, PrefixKVConfigError
 from .kv_spec import PrefixKVAttentionSpec
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.prefixkv")  # under "vllm" so that vLLM's log handlers show it
 
 
 def configure_engine(vllm_config) -> None:
