@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the environment if needed, serves the bundled demo model (SmolLM2-135M-Instruct)
-# with vLLM on this machine's CPU, asks it one question, prints the answer and stops.
-# Extra arguments go to the server (for example --kv-budget 0.5).
+# with `vllm serve --kv-policy prefixkv --kv-budget 0.2` on this machine's CPU, asks it one
+# question about a long document, prints the answer and the KV-cache usage, and stops.
+# Extra arguments go to the server (for example --kv-budget 0.5 or --kv-policy uniform).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="$(bash "$root/scripts/setup_env.sh")"
@@ -11,13 +12,14 @@ port="${PORT:-8011}"
 log="$(mktemp -t prefixkv-demo.XXXXXX.log)"
 
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
-"$python" -m vllm.entrypoints.openai.api_server --model "$model" --served-model-name demo \
-  --dtype float32 --enforce-eager --max-model-len 4096 --port "$port" "$@" >"$log" 2>&1 &
+"$bin/vllm" serve "$model" --served-model-name demo --kv-policy prefixkv --kv-budget 0.2 \
+  --dtype float32 --enforce-eager --block-size 32 --max-model-len 8192 --port "$port" "$@" >"$log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 
 echo "demo: serving $model on port $port (log: $log)" >&2
-"$python" - "$port" "$server" <<'PY'
+echo "demo: the first start calibrates per-layer ratios (about 1-2 minutes, cached after)" >&2
+"$python" - "$port" "$server" "$log" <<'PY'
 import json, os, sys, time, urllib.request
 
 port, server = sys.argv[1], int(sys.argv[2])
@@ -35,11 +37,22 @@ while True:
         except ProcessLookupError:
             sys.exit("demo: the server exited during start-up; see its log")
         time.sleep(2)
+shelves = " ".join(f"Shelf {i} holds {i * 7 % 31} {('red', 'blue', 'green')[i % 3]} boxes." for i in range(150))
 question = "What is the capital of France?"
-body = {"model": "demo", "messages": [{"role": "user", "content": question}], "max_tokens": 48, "temperature": 0}
+body = {
+    "model": "demo",
+    "messages": [{"role": "user", "content": f"{shelves}\n\nIgnore the list above. {question}"}],
+    "max_tokens": 48,
+    "temperature": 0,
+}
 request = urllib.request.Request(
     f"{base}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
 )
-answer = json.load(urllib.request.urlopen(request, timeout=300))["choices"][0]["message"]["content"]
-print(f"Q: {question}\nA: {answer.strip()}")
+reply = json.load(urllib.request.urlopen(request, timeout=600))
+answer = reply["choices"][0]["message"]["content"]
+print(f"Q: ({reply['usage']['prompt_tokens']}-token prompt) {question}\nA: {answer.strip()}")
+with open(sys.argv[3]) as log:
+    plan = [line.split("PrefixKV: ", 1)[1].strip() for line in log if "PrefixKV: policy=" in line]
+if plan:
+    print(f"PrefixKV: {plan[-1]}")
 PY

@@ -6,9 +6,11 @@ the kernel tests compare against them. The same contract holds on CPU and CUDA.
 Paged cache views
 -----------------
 Both ops take the key (and value) cache as a 4-D view
-``[num_blocks, block_size, num_kv_heads, head_dim]`` with arbitrary strides
-(only ``head_dim`` must be contiguous). vLLM's FlashAttention layout ("LBNHC")
-is that view directly; the CPU layout ("LBHNC") is a permuted view of it. Token
+``[num_blocks, block_size, num_kv_heads, head_dim]`` with arbitrary strides.
+vLLM's FlashAttention layout is that view of its cache directly; its CPU layout
+stores each (block, head) page's keys transposed and its values token-major,
+which are strided views too (see ``backends/cpu_attn.token_major_views``). The
+CUDA kernels need ``head_dim`` contiguous, as FlashAttention lays it out. Token
 ``t`` of a sequence lives at ``cache[block_table[t // block_size], t % block_size]``.
 """
 

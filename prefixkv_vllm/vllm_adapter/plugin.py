@@ -135,7 +135,12 @@ def _register_attention_backends() -> None:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     # The CPU platform always resolves CPU_ATTN; overriding the member is the way in.
+    # Both wrappers behave as stock unless a policy is active.
     register_backend(AttentionBackendEnum.CPU_ATTN, "prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend")
+    # On CUDA, users opt in with --attention-backend CUSTOM.
+    register_backend(
+        AttentionBackendEnum.CUSTOM, "prefixkv_vllm.vllm_adapter.backends.flash_attn.PrefixKVFlashAttentionBackend"
+    )
 
 
 # --- model runner --------------------------------------------------------------

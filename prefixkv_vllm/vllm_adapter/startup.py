@@ -50,6 +50,8 @@ def _check_supported(vllm_config) -> None:
         reasons.append("sliding-window or mixed attention layers")
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding")
+    if vllm_config.use_v2_model_runner:
+        reasons.append("Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
     if reasons:
         raise PrefixKVConfigError(f"PrefixKV does not support {', '.join(reasons)} ({model_config.model})")
 

@@ -12,10 +12,15 @@ derives from the prompt lengths:
 ``after_attention`` (called by the attention impl, per layer, after the stock
 kernel ran on the full prompt) scores and compacts. Both only prepare and call
 the ``torch.ops.prefixkv`` ops, which exist for CPU and CUDA.
+
+``PrefixKVBuilderMixin`` and ``PrefixKVImplMixin`` wrap a stock backend's
+builder and impl with these two steps; a backend file only says how to view
+its cache as ``[num_blocks, block_size, Hkv, D]`` keys and values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +28,9 @@ import torch
 
 from ... import ops
 from ...policy import KVPolicy, Protection, select_tokens
+from ..config import PrefixKVConfig
 from ..kv_spec import PrefixKVAttentionSpec
-from ..worker_state import SCORES, BatchInfo
+from ..worker_state import SCORES, BatchInfo, current_batch, policy_for
 
 
 @dataclass
@@ -216,3 +222,55 @@ def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
         keep_indices[index, : selection.shape[0], : selection.shape[1]] = selection.to(torch.int32)
     num_kept = torch.tensor([s.shape[1] for s in selections], dtype=torch.int32, device=key_cache.device)
     ops.compact(key_cache, value_cache, compact.block_table, keep_indices, num_kept)
+
+
+class PrefixKVBuilderMixin:
+    """Gives the stock builder each group's effective lengths and block table, and attaches the step's work.
+
+    ``metadata_cls`` is the backend's metadata dataclass extended with a
+    ``prefixkv: StepWork | None`` field.
+    """
+
+    metadata_cls: type
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.prefixkv_policy = policy_for(PrefixKVConfig.from_additional_config(vllm_config.additional_config))
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        spec = self.kv_cache_spec
+        plan = None
+        if isinstance(spec, PrefixKVAttentionSpec) and self.prefixkv_policy is not None:
+            plan = plan_step(
+                spec,
+                self.prefixkv_policy,
+                current_batch(),
+                common_attn_metadata.query_start_loc_cpu,
+                common_attn_metadata.seq_lens,
+                common_attn_metadata.block_table_tensor,
+            )
+        if plan is None:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        effective = common_attn_metadata.replace(
+            seq_lens=plan.seq_lens, block_table_tensor=plan.block_table, max_seq_len=plan.max_seq_len
+        )
+        metadata = super().build(common_prefix_len, effective, fast_build)
+        stock_fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
+        return self.metadata_cls(**stock_fields, prefixkv=plan.work)
+
+
+class PrefixKVImplMixin:
+    """Runs the stock attention, then scores and compacts the layer's prompt cache."""
+
+    @staticmethod
+    def token_major_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        work = getattr(attn_metadata, "prefixkv", None)
+        if work is not None:
+            key_cache, value_cache = self.token_major_views(kv_cache)
+            num_tokens = attn_metadata.num_actual_tokens
+            after_attention(work, layer.layer_name, query[:num_tokens], key_cache, value_cache, self.scale)
+        return output

@@ -1,0 +1,389 @@
+"""Answer quality under KV eviction: every policy x scorer against the full cache.
+
+For each budget, runs ``uniform`` and ``prefixkv`` with each scorer (``raw``,
+``mean``, ``window``) and ``streaming`` (which reads no attention, so once), plus
+the full cache (``--kv-policy none``, stock vLLM) as the reference. Every
+configuration decodes the same prompts greedily in one ``llm.generate`` call, in
+its own subprocess (one vLLM engine per process). Metrics per configuration:
+
+* ROUGE-L F1 of each answer against the full-cache answer (LCS on whitespace
+  tokens), mean and standard error over prompts;
+* needle accuracy: the answer contains the needle (pass key or badge number);
+  the full cache's own needle accuracy is the ceiling to compare against;
+* identical: answers equal to the full-cache answer, token for token.
+
+Writes ``quality.md`` (table), ``quality.png`` (grouped bars) and ``quality.json``
+(every answer) under ``--out-dir``, and prints the table.
+
+    python benchmarks/quality.py --budgets 0.2 0.5 --num-prompts 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SCORERS = ("raw", "mean", "window")
+POLICIES = ("uniform", "prefixkv", "streaming")
+
+
+# --- metrics -------------------------------------------------------------------
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    if len(a) < len(b):
+        a, b = b, a
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l_f1(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (beta 1) on whitespace tokens; two empty texts match perfectly."""
+    c, r = candidate.split(), reference.split()
+    if not c and not r:
+        return 1.0
+    if not c or not r:
+        return 0.0
+    lcs = lcs_length(c, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(c), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+# --- configurations ------------------------------------------------------------
+
+
+def config_name(config: dict) -> str:
+    if config["policy"] == "none":
+        return "full cache"
+    scorer = "recency" if config["policy"] == "streaming" else config["scorer"]
+    return f"{config['policy']}/{scorer}@{config['budget']:g}"
+
+
+def configurations(budgets, policies, scorers) -> list[dict]:
+    configs = [{"policy": "none"}]
+    for budget in budgets:
+        for policy in policies:
+            for scorer in ["recency"] if policy == "streaming" else scorers:
+                config = {"policy": policy, "budget": budget}
+                if policy != "streaming":
+                    config["scorer"] = scorer
+                configs.append(config)
+    return configs
+
+
+def additional_config(config: dict) -> dict:
+    if config["policy"] == "none":
+        return {}
+    extra = {"kv_policy": config["policy"], "kv_budget": config["budget"]}
+    if "scorer" in config:
+        extra["kv_scorer"] = config["scorer"]
+    return extra
+
+
+# --- one configuration, in a subprocess -----------------------------------------
+
+
+def run_config(args) -> None:
+    """Child process: one engine, every prompt in one generate call, answers to JSON."""
+    from vllm import LLM, SamplingParams
+
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+
+    config = json.loads(args.run_config)
+    prompts = json.loads(Path(args.prompts_file).read_text())
+    started = time.time()
+    llm = LLM(
+        str(demo_model_path()),
+        dtype="float32",
+        enforce_eager=True,
+        block_size=32,
+        enable_prefix_caching=False,
+        max_model_len=args.max_model_len,
+        seed=0,
+        additional_config=additional_config(config),
+    )
+    startup_s = time.time() - started
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+    started = time.time()
+    outputs = llm.generate([{"prompt_token_ids": p["prompt_token_ids"]} for p in prompts], params, use_tqdm=False)
+    generate_s = time.time() - started
+    answers = [o.outputs[0].text for o in outputs]
+    tokens = [len(o.outputs[0].token_ids) for o in outputs]
+    Path(args.result_file).write_text(
+        json.dumps({"answers": answers, "output_tokens": tokens, "startup_s": startup_s, "generate_s": generate_s})
+    )
+
+
+def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
+    result_file = Path(tempfile.mkstemp(suffix=".json", prefix="quality-")[1])
+    log_path = log_dir / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", config_name(config)) + ".log")
+    command = [
+        sys.executable, str(Path(__file__).resolve()),
+        "--run-config", json.dumps(config),
+        "--prompts-file", str(prompts_file),
+        "--result-file", str(result_file),
+        "--max-new-tokens", str(args.max_new_tokens),
+        "--max-model-len", str(args.max_model_len),
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
+    started = time.time()
+    with open(log_path, "w") as log:
+        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall_s = time.time() - started
+    log_text = log_path.read_text(errors="replace")
+    plan = next((line.split("PrefixKV: ", 1)[1] for line in log_text.splitlines() if "keep ratios per layer" in line), None)
+    if process.returncode != 0:
+        tail = "\n".join(log_text.splitlines()[-25:])
+        return {"config": config, "error": f"exit {process.returncode}; log {log_path}:\n{tail}", "wall_s": wall_s, "plan": plan}
+    result = json.loads(result_file.read_text())
+    result_file.unlink()
+    return {"config": config, **result, "wall_s": wall_s, "plan": plan, "log": str(log_path)}
+
+
+# --- report --------------------------------------------------------------------
+
+
+def score(results: list[dict], prompts: list[dict]) -> list[dict]:
+    from prompts import answer_contains
+
+    reference = next(r for r in results if r["config"]["policy"] == "none")
+    rows = []
+    for result in results:
+        row = {"name": config_name(result["config"]), **result["config"], "wall_s": result.get("wall_s")}
+        if "error" in result:
+            row["error"] = result["error"].splitlines()[0]
+            rows.append(row)
+            continue
+        rouge = [rouge_l_f1(a, r) for a, r in zip(result["answers"], reference["answers"])]
+        needles = [(p, a) for p, a in zip(prompts, result["answers"]) if p["needle"]]
+        hits = sum(answer_contains(a, p["needle"]) for p, a in needles)
+        row.update(
+            rouge_mean=mean_sem(rouge)[0],
+            rouge_sem=mean_sem(rouge)[1],
+            rouge_by_kind={k: mean_sem([r for r, p in zip(rouge, prompts) if p["kind"] == k])[0] for k in sorted({p["kind"] for p in prompts})},
+            needle_hits=hits,
+            needle_n=len(needles),
+            identical=sum(a == r for a, r in zip(result["answers"], reference["answers"])),
+            n=len(rouge),
+            generate_s=result["generate_s"],
+        )
+        rows.append(row)
+    return rows
+
+
+def markdown(rows, prompts, args, header) -> str:
+    kinds = sorted({p["kind"] for p in prompts})
+    lines = [header, ""]
+    lines.append(
+        "| policy | scorer | budget | ROUGE-L F1 vs full (mean ± s.e.) | needle accuracy | identical answers | n | "
+        + " | ".join(f"ROUGE-L {k}" for k in kinds)
+        + " | generate s |"
+    )
+    lines.append("|" + "---|" * (8 + len(kinds)))
+    for row in rows:
+        policy = row["policy"]
+        scorer = "-" if policy == "none" else ("recency" if policy == "streaming" else row["scorer"])
+        budget = "1.0" if policy == "none" else f"{row['budget']:g}"
+        if "error" in row:
+            lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (6 + len(kinds)))
+            continue
+        rouge = "1.000 (reference)" if policy == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
+        lines.append(
+            f"| {policy} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
+            f"({row['needle_hits'] / max(1, row['needle_n']):.0%}) | {row['identical']}/{row['n']} | {row['n']} | "
+            + " | ".join(f"{row['rouge_by_kind'][k]:.2f}" for k in kinds)
+            + f" | {row['generate_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path: Path, budgets) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = next(r for r in rows if r["policy"] == "none" and "error" not in r)
+    full_acc = full["needle_hits"] / max(1, full["needle_n"])
+    colors = {"raw": "#d95f02", "mean": "#7570b3", "window": "#1b9e77", "recency": "#999999"}
+    groups = [(b, p) for b in budgets for p in POLICIES]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    for ax, metric in zip(axes, ("rouge", "needle")):
+        for gi, (budget, policy) in enumerate(groups):
+            members = [r for r in rows if r["policy"] == policy and r.get("budget") == budget and "error" not in r]
+            for mi, row in enumerate(members):
+                scorer = "recency" if policy == "streaming" else row["scorer"]
+                x = gi + (mi - (len(members) - 1) / 2) * 0.26
+                if metric == "rouge":
+                    ax.bar(x, row["rouge_mean"], 0.24, yerr=row["rouge_sem"], color=colors[scorer], capsize=2)
+                else:
+                    ax.bar(x, row["needle_hits"] / max(1, row["needle_n"]), 0.24, color=colors[scorer])
+        ax.set_xticks(range(len(groups)), [f"{p}\n@{b:g}" for b, p in groups], fontsize=8)
+        if metric == "rouge":
+            ax.set_ylabel("ROUGE-L F1 vs full-cache answer")
+            ax.set_ylim(0, 1)
+        else:
+            ax.axhline(full_acc, color="black", linestyle="--", linewidth=1)
+            ax.text(len(groups) - 0.5, full_acc, f"full cache {full_acc:.0%}", ha="right", va="bottom", fontsize=8)
+            ax.set_ylabel("needle accuracy")
+            ax.set_ylim(0, 1.05)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    fig.legend(handles, list(colors), title="scorer", loc="upper right", ncol=4, fontsize=8)
+    fig.suptitle(f"PrefixKV on SmolLM2-135M-Instruct (vLLM CPU): answers vs full cache, n={full['n']} prompts", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.2])
+    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--min-tokens", type=int, default=1000, help="shortest prompt (tokens, template included)")
+    parser.add_argument("--max-tokens", type=int, default=3000, help="longest prompt")
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    parser.add_argument("--seed", type=int, default=0, help="prompt builder seed")
+    parser.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
+    parser.add_argument("--resume", action="store_true", help="reuse configurations already in OUT_DIR/quality.json with the same prompts")
+    # internal: one configuration in a child process
+    parser.add_argument("--run-config", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    parser.add_argument("--result-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_config:
+        run_config(args)
+        return 0
+
+    from transformers import AutoTokenizer
+
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+    from prompts import build_prompts
+
+    begun = time.time()
+    command_line = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    model = demo_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    prompts = [
+        {"kind": p.kind, "needle": p.needle, "depth": p.depth, "source": p.source, "prompt_token_ids": p.prompt_token_ids}
+        for p in build_prompts(tokenizer, args.num_prompts, args.min_tokens, args.max_tokens, seed=args.seed)
+    ]
+    prompts_file = args.log_dir / "quality-prompts.json"
+    prompts_file.write_text(json.dumps(prompts))
+    json_path = args.out_dir / "quality.json"
+    previous = {}
+    if args.resume and json_path.exists():
+        saved = json.loads(json_path.read_text())
+        same = saved.get("prompt_lengths") == [len(p["prompt_token_ids"]) for p in prompts] and saved.get("max_new_tokens") == args.max_new_tokens
+        if same:
+            previous = {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r}
+    results = []
+    for config in configurations(args.budgets, args.policies, args.scorers):
+        key = json.dumps(config, sort_keys=True)
+        if key in previous:
+            print(f"[quality] {config_name(config)}: reused from {json_path}", flush=True)
+            results.append(previous[key])
+            continue
+        print(f"[quality] {config_name(config)} ...", end=" ", flush=True)
+        result = launch(config, prompts_file, args, args.log_dir)
+        results.append(result)
+        print("FAILED" if "error" in result else f"{result['wall_s']:.0f} s (generate {result['generate_s']:.0f} s)", flush=True)
+        if "error" in result:
+            print(result["error"], file=sys.stderr, flush=True)
+        if config["policy"] == "none" and "error" in result:
+            print("[quality] the full-cache reference failed; stopping", file=sys.stderr)
+            return 1
+    total_s = time.time() - begun
+    rows = score(results, prompts)
+    lengths = [len(p["prompt_token_ids"]) for p in prompts]
+    kinds = {k: sum(p["kind"] == k for p in prompts) for k in sorted({p["kind"] for p in prompts})}
+    plans = sorted({r["plan"] for r in results if r.get("plan") and r["config"]["policy"] == "prefixkv"})
+    header = "\n".join(
+        [
+            "# Quality: answers under KV eviction vs the full cache",
+            "",
+            f"- Command: `{command_line}`",
+            f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
+            f"vLLM {_vllm_version()} (vllm-cpu), fp32, eager, block size 32, prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}",
+            f"- Model: SmolLM2-135M-Instruct demo checkpoint (`prefixkv demo-model`), max_model_len {args.max_model_len}",
+            f"- Prompts: {len(prompts)} built offline by `benchmarks/prompts.py` (seed {args.seed}): "
+            + ", ".join(f"{n} {k}" for k, n in kinds.items())
+            + f"; {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), chat template included",
+            f"- Decoding: greedy (temperature 0), {args.max_new_tokens} new tokens max, all prompts in one `llm.generate` call per configuration",
+            "- Plugin settings: `kv_sink` 1, `kv_recent` 1, `kv_window` 32, per-layer selection (defaults); "
+            "`prefixkv` without a profile (ratios calibrated at start-up with the same scorer, cached)",
+            "- ROUGE-L: LCS F1 on whitespace tokens against the full-cache answer to the same prompt; s.e. = standard error over prompts. "
+            "Needle accuracy: the answer contains the pass key / badge number.",
+            f"- Total run time: {total_s / 60:.1f} min",
+        ]
+    )
+    table = markdown(rows, prompts, args, header)
+    if plans:
+        table += "\nPer-layer keep ratios used by `prefixkv` (from the start-up log):\n\n" + "\n".join(f"- `{p}`" for p in plans) + "\n"
+    (args.out_dir / "quality.md").write_text(table)
+    json_path.write_text(
+        json.dumps(
+            {
+                "command": command_line,
+                "prompt_lengths": lengths,
+                "max_new_tokens": args.max_new_tokens,
+                "prompts": [{k: v for k, v in p.items() if k != "prompt_token_ids"} for p in prompts],
+                "results": results,
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    plot(rows, args.out_dir / "quality.png", args.budgets)
+    print(table)
+    return 0
+
+
+def _vllm_version() -> str:
+    try:
+        import importlib.metadata
+
+        return importlib.metadata.version("vllm-cpu")
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

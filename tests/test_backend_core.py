@@ -1,0 +1,141 @@
+"""The backend core without an engine: step plans, effective metadata, chunked scoring, compaction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from prefixkv_vllm.ops import reference as ref  # noqa: E402
+from prefixkv_vllm.policy import build_policy  # noqa: E402
+from prefixkv_vllm.policy.paged import kept_prompt_blocks  # noqa: E402
+from prefixkv_vllm.vllm_adapter.backends.core import after_attention, plan_step  # noqa: E402
+from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
+from prefixkv_vllm.vllm_adapter.worker_state import SCORES, BatchInfo  # noqa: E402
+
+BLOCK, HKV, HQ, DIM = 8, 2, 4, 16
+
+
+def spec(ratio, sink=1, recent=1):
+    return PrefixKVAttentionSpec(
+        block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=sink, recent=recent
+    )
+
+
+def step_inputs(computed, scheduled, max_blocks=12):
+    seq_lens = torch.tensor([c + s for c, s in zip(computed, scheduled)], dtype=torch.int32)
+    query_start_loc = torch.tensor(np.concatenate([[0], np.cumsum(scheduled)]), dtype=torch.int32)
+    table = torch.arange(len(computed) * max_blocks, dtype=torch.int32).view(len(computed), max_blocks)
+    return query_start_loc, seq_lens, table
+
+
+class TestKeptBlocks:
+    @pytest.mark.parametrize(
+        "prompt_len, ratio, expected",
+        [(7, 0.2, 0), (64, 1.0, 8), (64, 0.25, 2), (70, 0.25, 1), (64, 0.01, 1), (300, 0.5, 18)],
+    )
+    def test_values(self, prompt_len, ratio, expected):
+        assert kept_prompt_blocks(prompt_len, ratio, BLOCK, sink=1, recent=1) == expected
+
+    def test_protected_tokens_fit(self):
+        for prompt_len in range(1, 200):
+            tail = prompt_len % BLOCK
+            kept = kept_prompt_blocks(prompt_len, 0.01, BLOCK, sink=4, recent=12)
+            body = (prompt_len // BLOCK) * BLOCK
+            assert kept * BLOCK >= min(body, 4 + max(0, 12 - tail)) or kept == prompt_len // BLOCK
+
+
+class TestPlan:
+    def test_prefill_then_decode(self):
+        policy = build_policy("uniform", 0.25, scorer="mean")
+        prompt = 64  # 8 blocks, keeps 2
+        batch = BatchInfo(req_ids=["a"], prompt_lens=np.array([prompt]))
+        plan = plan_step(spec(0.25), policy, batch, *step_inputs([0], [prompt]))
+        assert plan.work.score.rows == [0] and plan.work.compact.rows == [0]
+        assert plan.work.compact.kept_blocks == [2]
+        assert torch.equal(plan.seq_lens, torch.tensor([prompt], dtype=torch.int32))  # prefill reads everything
+
+        qsl, seq_lens, table = step_inputs([prompt + 3], [1])
+        plan = plan_step(spec(0.25), policy, batch, qsl, seq_lens, table)
+        assert plan.work.score is None and plan.work.compact is None
+        gap = 8 - 2
+        assert plan.seq_lens.tolist() == [prompt + 4 - gap * BLOCK]
+        assert plan.block_table[0, :4].tolist() == [0, 1, 8, 9]  # kept blocks, then the tail
+        assert plan.max_seq_len == prompt + 4 - gap * BLOCK
+
+    def test_nothing_to_do_returns_none(self):
+        policy = build_policy("uniform", 0.25)
+        batch = BatchInfo(req_ids=["short"], prompt_lens=np.array([5]))
+        assert plan_step(spec(0.25), policy, batch, *step_inputs([5], [1])) is None
+        assert plan_step(spec(1.0), policy, BatchInfo(["a"], np.array([64])), *step_inputs([0], [64])) is None
+        assert plan_step(spec(0.25), policy, None, *step_inputs([0], [64])) is None
+
+    def test_chunks_and_window(self):
+        policy = build_policy("uniform", 0.25, scorer="window", window=8)
+        batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 64]))
+        plan = plan_step(spec(0.25), policy, batch, *step_inputs([0, 32], [32, 32]))
+        # Row 0's first chunk has no window query (positions < 56); row 1 finishes its prompt.
+        assert plan.work.score.rows == [1] and plan.work.compact.rows == [1]
+        assert plan.work.score.min_query_pos.tolist() == [56]
+
+    def test_resumed_request_scores_only_prompt_queries(self):
+        policy = build_policy("uniform", 0.25, scorer="mean")
+        batch = BatchInfo(req_ids=["a"], prompt_lens=np.array([64]))
+        plan = plan_step(spec(0.25), policy, batch, *step_inputs([0], [80]))  # recompute of prompt + 16 outputs
+        assert plan.work.score.seq_lens.tolist() == [64]
+        assert plan.work.score.token_index.numel() == 64
+        assert plan.work.compact.rows == [0]
+
+
+def _run_prompt(chunks, scorer, per_kv_head=False, seed=0):
+    """Feed one 61-token prompt through plan_step/after_attention in the given chunks."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = sum(chunks)
+    policy = build_policy("uniform", 0.3, scorer=scorer, per_kv_head=per_kv_head, sink=2, recent=3)
+    cache = torch.randn(2, 10, BLOCK, HKV, DIM, generator=gen)
+    keys, values = cache[0], cache[1]
+    query_all = torch.randn(prompt, HQ, DIM, generator=gen)
+    batch = BatchInfo(req_ids=["r"], prompt_lens=np.array([prompt]))
+    computed = 0
+    for chunk in chunks:
+        qsl, seq_lens, table = step_inputs([computed], [chunk], max_blocks=10)
+        plan = plan_step(spec(0.3, sink=2, recent=3), policy, batch, qsl, seq_lens, table)
+        if plan is not None and plan.work is not None:
+            after_attention(plan.work, "layer", query_all[computed : computed + chunk], keys, values, DIM**-0.5)
+        computed += chunk
+    assert len(SCORES) == 0  # compaction consumed the scores
+    return cache
+
+
+@pytest.mark.parametrize("scorer", ["raw", "mean", "window"])
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_chunked_prefill_compacts_like_one_shot(scorer, per_kv_head):
+    one_shot = _run_prompt([61], scorer, per_kv_head)
+    chunked = _run_prompt([16, 24, 21], scorer, per_kv_head)
+    kept_tokens = kept_prompt_blocks(61, 0.3, BLOCK, 2, 3) * BLOCK
+    torch.testing.assert_close(chunked[:, :2], one_shot[:, :2])  # the compacted blocks
+    assert kept_tokens == 16
+
+
+def test_compaction_keeps_the_top_scored_tokens():
+    gen = torch.Generator().manual_seed(3)
+    prompt = 61
+    cache = torch.randn(2, 10, BLOCK, HKV, DIM, generator=gen)
+    original = cache.clone()
+    query = torch.randn(prompt, HQ, DIM, generator=gen)
+    policy = build_policy("uniform", 0.3, scorer="mean", sink=2, recent=3)
+    qsl, seq_lens, table = step_inputs([0], [prompt], max_blocks=10)
+    plan = plan_step(spec(0.3, sink=2, recent=3), policy, BatchInfo(["r"], np.array([prompt])), qsl, seq_lens, table)
+    after_attention(plan.work, "layer", query, cache[0], cache[1], DIM**-0.5)
+
+    scores = torch.zeros(1, HKV, prompt)
+    ref.importance(query, original[0], table, qsl, seq_lens, torch.zeros(1, dtype=torch.int32), DIM**-0.5, scores)
+    body = 56  # 7 full blocks; the 5-token tail stays in place and counts as recent
+    ranked = policy.scorer.scores(scores[0], prompt)[0, :body].clone()
+    ranked[:2] = float("inf")
+    expected = ranked.argsort(descending=True, stable=True)[:16].sort().values
+    kept = original[0].reshape(-1, HKV, DIM)[expected]
+    assert torch.equal(cache[0].reshape(-1, HKV, DIM)[:16], kept)
+    assert torch.equal(cache[0, 7], original[0, 7])  # the tail block is untouched

@@ -1,0 +1,180 @@
+"""End to end: `vllm serve` with the plugin, on the real demo model, on CPU.
+
+Each server is started once per module (start-up takes about 40 s here).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
+
+from .vllm_server import concurrent_streams, run_startup_failure, serve  # noqa: E402
+
+COLORS = ("red", "blue", "green", "yellow")
+
+
+def document(items: int, offset: int = 0) -> str:
+    return " ".join(
+        f"Item {i}: the {COLORS[i % 4]} box on shelf {i % 7} holds {i * 7 % 101} marbles."
+        for i in range(offset, offset + items)
+    )
+
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why they are prime.",
+    document(40) + "\nHow many marbles does the box of item 12 hold?",
+    "Summarize the following text in one sentence.\n" + document(60, offset=5),
+    "Explain what a KV cache is in a transformer, in two sentences.",
+]
+LONG_PROMPTS = [document(120, offset=k * 13) + f"\nWhich color is the box of item {k * 13 + 3}?" for k in range(4)]
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return str(demo_model_path())
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm-logs")
+
+
+@pytest.fixture(scope="module")
+def stock(model, log_dir):
+    with serve(model, log_dir=log_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def budget_one(model, log_dir):
+    with serve(model, "--kv-policy", "prefixkv", "--kv-budget", "1.0", log_dir=log_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def compressed(model, log_dir):
+    with serve(model, "--kv-policy", "prefixkv", "--kv-budget", "0.2", log_dir=log_dir) as server:
+        yield server
+
+
+def test_budget_one_reproduces_stock_greedy_tokens(stock, budget_one):
+    for prompt in CHAT_PROMPTS:
+        expected = stock.chat(prompt, logprobs=True)["choices"][0]
+        got = budget_one.chat(prompt, logprobs=True)["choices"][0]
+        expected_tokens = [t["token"] for t in expected["logprobs"]["content"]]
+        assert [t["token"] for t in got["logprobs"]["content"]] == expected_tokens, prompt[:60]
+    assert "prefix caching is off" in budget_one.log()
+
+
+def test_start_up_log_reports_ratios_and_saving(compressed):
+    log = compressed.log()
+    assert "PrefixKV: policy=prefixkv budget=0.2" in log
+    line = next(line for line in log.splitlines() if "keep ratios per layer" in line)
+    ratios = [float(r) for r in line.split("keep ratios per layer: ")[1].split(";")[0].split()]
+    assert len(ratios) == 30 and abs(sum(ratios) / 30 - 0.2) < 0.01
+    assert len(set(ratios)) > 1  # per-layer, not uniform
+
+
+def _usage_while_decoding(server) -> tuple[float, list[str]]:
+    samples = []
+
+    def sample(progress):
+        if min(progress) >= 6:  # every request is past prefill and decoding
+            samples.append(server.metric("vllm:kv_cache_usage_perc"))
+
+    answers = concurrent_streams(server, LONG_PROMPTS, max_tokens=40, on_progress=sample, ignore_eos=True)
+    assert samples, "no /metrics sample was taken while all requests decoded"
+    return max(samples), answers
+
+
+def test_kv_usage_drops_while_long_prompts_decode(stock, compressed):
+    stock_usage, _ = _usage_while_decoding(stock)
+    compressed_usage, answers = _usage_while_decoding(compressed)
+    assert stock_usage > 0
+    assert compressed_usage <= 0.3 * stock_usage, (compressed_usage, stock_usage)
+    for answer in answers:
+        assert len(answer.split()) >= 5  # decoded text, not an empty or broken stream
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0  # every block back in the pool
+
+
+def test_compressed_answers_stay_coherent(compressed):
+    answer = compressed.chat(document(100) + "\nIgnore the list above. What is the capital of France?")
+    assert "Paris" in answer["choices"][0]["message"]["content"]
+    short = compressed.chat("What is the capital of France?")  # shorter than one block: untouched
+    assert "Paris" in short["choices"][0]["message"]["content"]
+
+
+def test_mixed_load_with_preemption_completes_without_leaks(model, log_dir):
+    # 30 one-layer groups share the pool: 5760 blocks of 32 tokens hold 6144 tokens of every layer.
+    args = ("--kv-policy", "uniform", "--kv-budget", "0.2", "--num-gpu-blocks-override", "5760", "--max-model-len", "4096")
+    with serve(model, *args, log_dir=log_dir) as server:
+        prompts = [document(items, offset=i) + "\nSummarize the list." for i, items in enumerate([3, 90, 10, 110, 60, 120, 25, 100, 5, 80])]
+        answers = concurrent_streams(server, prompts, max_tokens=160, ignore_eos=True)
+        assert all(len(a.split()) >= 5 for a in answers)
+        assert server.metric("vllm:num_preemptions_total") > 0, "the load did not preempt; make it heavier"
+        assert server.metric("vllm:kv_cache_usage_perc") == 0.0
+        assert "Paris" in server.chat("What is the capital of France?")["choices"][0]["message"]["content"]
+
+
+def test_aborted_stream_frees_its_blocks(compressed):
+    import requests
+
+    body = {"model": "demo", "messages": [{"role": "user", "content": LONG_PROMPTS[0]}], "max_tokens": 400}
+    with requests.post(f"{compressed.base_url}/v1/chat/completions", json={**body, "stream": True}, stream=True) as r:
+        for index, _ in enumerate(r.iter_lines()):
+            if index > 10:
+                break  # closing the connection aborts the request
+    assert "Paris" in compressed.chat("What is the capital of France?")["choices"][0]["message"]["content"]
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--kv-policy", "prefixkv", "--kv-budget", "1.5"), "argument --kv-budget: must be in (0, 1]"),
+        (("--kv-policy", "prefixkv", "--kv-budget", "0"), "argument --kv-budget: must be in (0, 1]"),
+        (("--kv-policy", "h2o"), "argument --kv-policy: invalid choice: 'h2o'"),
+        (("--kv-policy", "uniform", "--kv-scorer", "max"), "argument --kv-scorer: invalid choice: 'max'"),
+        (("--kv-policy", "prefixkv", "--kv-profile", "/nonexistent/profile.json"), "prefixkv: error: --kv-profile /nonexistent/profile.json: cannot read profile"),
+        (("--kv-policy", "prefixkv", "--kv-tiers", "7"), "prefixkv: error: --kv-tiers 7 must divide the model's 30 layers evenly"),
+    ],
+)
+def test_bad_settings_fail_at_start_up_with_one_line(model, log_dir, args, message):
+    result = run_startup_failure(model, *args, log_dir=log_dir)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_mismatched_profile_fails_at_start_up(model, log_dir, tmp_path):
+    profile = {
+        "format": "prefixkv-profile",
+        "version": 1,
+        "model": {"name": "other", "num_layers": 2, "num_kv_heads": 3, "head_dim": 64},
+        "scorer": "window",
+        "entries": [{"budget": 0.2, "keep_ratios": [0.3, 0.1]}],
+        "provenance": {},
+    }
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile))
+    result = run_startup_failure(model, "--kv-policy", "prefixkv", "--kv-budget", "0.2", "--kv-profile", str(path), log_dir=log_dir)
+    assert result.returncode != 0
+    assert "profile is for other" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sliding_window_model_is_rejected(model, log_dir, tmp_path):
+    config = json.loads((demo_model_path() / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=64)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (tmp_path / name).write_bytes((demo_model_path() / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = run_startup_failure(str(tmp_path), "--kv-policy", "uniform", log_dir=log_dir)
+    assert result.returncode != 0
+    assert "PrefixKV does not support sliding-window" in result.stderr, result.stderr[-2000:]
