@@ -59,7 +59,7 @@ class TestPlan:
 
         qsl, seq_lens, table = step_inputs([prompt + 3], [1])
         plan = plan_step(spec(0.25), policy, batch, qsl, seq_lens, table)
-        assert plan.work.score is None and plan.work.compact is None
+        assert plan.work is None  # decode: only the metadata changes
         gap = 8 - 2
         assert plan.seq_lens.tolist() == [prompt + 4 - gap * BLOCK]
         assert plan.block_table[0, :4].tolist() == [0, 1, 8, 9]  # kept blocks, then the tail

@@ -38,9 +38,8 @@ class PrefixKVConfig:
             raise PrefixKVConfigError(f"unknown --kv-policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
         if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0.0 < self.budget <= 1.0):
             raise PrefixKVConfigError(f"--kv-budget must be in (0, 1], got {self.budget!r}")
-        scorers = [name for name in SCORERS]
-        if self.scorer not in scorers:
-            raise PrefixKVConfigError(f"unknown --kv-scorer {self.scorer!r}; choose one of {', '.join(scorers)}")
+        if self.scorer not in SCORERS:
+            raise PrefixKVConfigError(f"unknown --kv-scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
         for name, minimum in (("window", 1), ("sink", 0), ("recent", 1), ("tiers", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -55,11 +54,11 @@ class PrefixKVConfig:
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> "PrefixKVConfig":
         data = additional_config if isinstance(additional_config, dict) else {}
-        kwargs = {}
-        for field in dataclasses.fields(cls):
-            key = f"kv_{field.name}"
-            if key in data:
-                kwargs[field.name] = data[key]
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(key for key in data if key.startswith("kv_") and key[3:] not in names)
+        if unknown:
+            raise PrefixKVConfigError(f"unknown PrefixKV setting {unknown[0]!r} in additional_config")
+        kwargs = {name: data[f"kv_{name}"] for name in names if f"kv_{name}" in data}
         if kwargs.get("keep_ratios") is not None:
             kwargs["keep_ratios"] = tuple(float(r) for r in kwargs["keep_ratios"])
         if isinstance(kwargs.get("budget"), (int, float)) and not isinstance(kwargs.get("budget"), bool):

@@ -121,18 +121,20 @@ def plan_step(
         effective_table = block_table.gather(1, source.clamp(max=block_table.shape[1] - 1))
         effective_seq_lens = (seq_lens - (gap_t * block_size).to(seq_lens.dtype)).to(seq_lens.dtype)
 
-    work = StepWork(
-        policy=policy,
-        block_size=block_size,
-        req_ids=batch.req_ids[:known],
-        prompt_lens=[int(p) for p in prompt_lens[:known]],
-        score=_score_work(score_rows, starts, computed_before, seq_lens_cpu, prompt_lens, policy, block_table)
-        if score_rows
-        else None,
-        compact=CompactWork(compact_rows, [int(kept[r]) for r in compact_rows], block_table[compact_rows])
-        if compact_rows
-        else None,
-    )
+    work = None
+    if score_rows or compact_rows:
+        work = StepWork(
+            policy=policy,
+            block_size=block_size,
+            req_ids=batch.req_ids[:known],
+            prompt_lens=[int(p) for p in prompt_lens[:known]],
+            score=_score_work(score_rows, starts, computed_before, seq_lens_cpu, prompt_lens, policy, block_table)
+            if score_rows
+            else None,
+            compact=CompactWork(compact_rows, [int(kept[r]) for r in compact_rows], block_table[compact_rows])
+            if compact_rows
+            else None,
+        )
     max_seq_len = int((seq_lens_cpu - gap * block_size).max())
     return StepPlan(effective_seq_lens, effective_table, max_seq_len, work)
 

@@ -1,0 +1,50 @@
+"""Plugin settings: parsing, validation, round trip through additional_config, tiers."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
+from prefixkv_vllm.vllm_adapter.startup import _tiered  # noqa: E402
+
+
+def test_defaults_are_stock():
+    assert not PrefixKVConfig.from_additional_config({}).active
+    assert not PrefixKVConfig.from_additional_config(None).active
+
+
+def test_round_trip():
+    config = PrefixKVConfig(policy="prefixkv", budget=0.3, scorer="mean", tiers=5).with_keep_ratios((0.5, 0.1))
+    assert PrefixKVConfig.from_additional_config(config.to_additional_config()) == config
+    assert PrefixKVConfig.from_additional_config({"kv_policy": "uniform", "kv_budget": 1}).budget == 1.0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"kv_policy": "h2o"}, "unknown --kv-policy 'h2o'"),
+        ({"kv_policy": "prefixkv", "kv_budget": 0}, r"--kv-budget must be in \(0, 1\]"),
+        ({"kv_policy": "prefixkv", "kv_budget": "0.2"}, r"--kv-budget must be in \(0, 1\]"),
+        ({"kv_policy": "prefixkv", "kv_budget": float("nan")}, r"--kv-budget must be in \(0, 1\]"),
+        ({"kv_policy": "prefixkv", "kv_scorer": "max"}, "unknown --kv-scorer 'max'"),
+        ({"kv_policy": "prefixkv", "kv_window": 0}, "--kv-window must be an integer >= 1"),
+        ({"kv_policy": "prefixkv", "kv_recent": 0}, "--kv-recent must be an integer >= 1"),
+        ({"kv_policy": "prefixkv", "kv_sink": True}, "--kv-sink must be an integer >= 0"),
+        ({"kv_policy": "uniform", "kv_profile": "p.json"}, "--kv-policy uniform does not use one"),
+        ({"kv_policy": "prefixkv", "kv_budgte": 0.2}, "unknown PrefixKV setting 'kv_budgte'"),
+    ],
+)
+def test_bad_settings(settings, message):
+    with pytest.raises(PrefixKVConfigError, match=message):
+        PrefixKVConfig.from_additional_config(settings)
+
+
+def test_tiers_keep_the_mean_and_group_by_ratio():
+    ratios = (0.9, 0.1, 0.5, 0.2, 0.3, 0.4)
+    tiered = _tiered(ratios, 3)
+    assert len(set(tiered)) == 3
+    assert sum(tiered) == pytest.approx(sum(ratios))
+    assert tiered[1] == tiered[3] == pytest.approx(0.15)  # the two lowest share a tier
+    assert _tiered(ratios, 0) == list(ratios)
