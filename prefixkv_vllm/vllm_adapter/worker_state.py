@@ -68,9 +68,6 @@ class ScoreStore:
             del self._scores[req_id]
         return scores
 
-    def reset(self, req_id: str, layer_name: str) -> None:
-        self.pop(req_id, layer_name)
-
     def retain(self, live_req_ids) -> None:
         """Drop the scores of requests that finished, were aborted or were preempted."""
         for req_id in [r for r in self._scores if r not in live_req_ids]:
