@@ -10,14 +10,11 @@ vllm_ops = pytest.importorskip("vllm._custom_ops")
 from prefixkv_vllm.vllm_adapter.backends.cpu_attn import SUPPORTED_ISAS, token_major_views  # noqa: E402
 
 
-@pytest.mark.parametrize("isa", SUPPORTED_ISAS)
+# vLLM runs vec for head dims that are multiples of 32 and vec16 for other multiples of 16.
+@pytest.mark.parametrize("isa, block_size, head_dim", [("vec", 32, 64), ("vec", 64, 128), ("vec16", 32, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_size, head_dim", [(32, 64), (64, 128), (32, 80)])
 def test_token_major_views_match_vllm_cache_writes(isa, dtype, block_size, head_dim):
-    if isa == "vec16" and head_dim % 32 == 0:
-        pytest.skip("vLLM picks vec16 only for head dims that are not multiples of 32")
-    if isa == "vec" and head_dim % 32:
-        pytest.skip("vLLM picks vec only for head dims that are multiples of 32")
+    assert isa in SUPPORTED_ISAS
     num_blocks, num_kv_heads, num_tokens = 5, 3, 90
     kv_cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_dim, dtype=dtype)
     key_pages, value_pages = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
@@ -32,6 +29,6 @@ def test_token_major_views_match_vllm_cache_writes(isa, dtype, block_size, head_
     blocks, offsets = slots // block_size, slots % block_size
     assert torch.equal(keys[blocks, offsets], key)
     assert torch.equal(values[blocks, offsets], value)
-    assert keys.data_ptr() >= kv_cache.data_ptr()  # views, not copies: compaction writes through them
-    keys[blocks[0], offsets[0]] = 0
-    assert kv_cache.abs().sum() < torch.cat([key, value]).abs().sum().to(kv_cache.dtype) * 2
+    # Views, not copies: what compaction writes through them lands in the cache.
+    keys[blocks[0], offsets[0]] = values[blocks[1], offsets[1]]
+    assert torch.equal(token_major_views(kv_cache)[0][blocks[0], offsets[0]], value[1])

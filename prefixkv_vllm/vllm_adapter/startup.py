@@ -57,8 +57,6 @@ def _check_supported(vllm_config) -> None:
 
 
 def _keep_ratios(config: PrefixKVConfig, vllm_config, num_layers: int) -> tuple[float, ...]:
-    if config.policy in ("uniform", "streaming"):
-        return (config.budget,) * num_layers
     model_config = vllm_config.model_config
     if config.profile is not None:
         try:
@@ -67,6 +65,8 @@ def _keep_ratios(config: PrefixKVConfig, vllm_config, num_layers: int) -> tuple[
             return profile.keep_ratios(config.budget)
         except ProfileError as exc:
             raise PrefixKVConfigError(f"--kv-profile {config.profile}: {exc}") from None
+    if config.policy in ("uniform", "streaming") or config.budget >= 1.0:
+        return (config.budget,) * num_layers  # a full budget keeps every layer whole: nothing to calibrate
     from ..tools.calibrate import cached_calibration
 
     profile = cached_calibration(model_config.model, config.budget, config.scorer, config.window)
