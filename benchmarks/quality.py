@@ -91,12 +91,14 @@ def config_name(config: dict) -> str:
     return f"{config['policy']}/{scorer}@{config['budget']:g}"
 
 
-def configurations(budgets, policies, scorers) -> list[dict]:
+def configurations(budgets, policies, scorers, recent=1) -> list[dict]:
     configs = [{"policy": "none"}]
     for budget in budgets:
         for policy in policies:
             for scorer in ["recency"] if policy == "streaming" else scorers:
                 config = {"policy": policy, "budget": budget}
+                if recent != 1:
+                    config["recent"] = recent
                 if policy != "streaming":
                     config["scorer"] = scorer
                 configs.append(config)
@@ -106,7 +108,7 @@ def configurations(budgets, policies, scorers) -> list[dict]:
 def additional_config(config: dict) -> dict:
     if config["policy"] == "none":
         return {}
-    extra = {"kv_policy": config["policy"], "kv_budget": config["budget"]}
+    extra = {"kv_policy": config["policy"], "kv_budget": config["budget"], "kv_recent": config.get("recent", 1)}
     if "scorer" in config:
         extra["kv_scorer"] = config["scorer"]
     return extra
@@ -158,6 +160,7 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
         "--max-model-len", str(args.max_model_len),
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
+    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(args.reserved_cpus))
     started = time.time()
     with open(log_path, "w") as log:
         process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -189,12 +192,16 @@ def score(results: list[dict], prompts: list[dict]) -> list[dict]:
         rouge = [rouge_l_f1(a, r) for a, r in zip(result["answers"], reference["answers"])]
         needles = [(p, a) for p, a in zip(prompts, result["answers"]) if p["needle"]]
         hits = sum(answer_contains(a, p["needle"]) for p, a in needles)
+        # needles the full cache itself found: how many of those survive eviction
+        found = [(p, a) for p, a, r in zip(prompts, result["answers"], reference["answers"]) if p["needle"] and answer_contains(r, p["needle"])]
         row.update(
             rouge_mean=mean_sem(rouge)[0],
             rouge_sem=mean_sem(rouge)[1],
             rouge_by_kind={k: mean_sem([r for r, p in zip(rouge, prompts) if p["kind"] == k])[0] for k in sorted({p["kind"] for p in prompts})},
             needle_hits=hits,
             needle_n=len(needles),
+            kept_hits=sum(answer_contains(a, p["needle"]) for p, a in found),
+            kept_n=len(found),
             identical=sum(a == r for a, r in zip(result["answers"], reference["answers"])),
             n=len(rouge),
             generate_s=result["generate_s"],
@@ -207,22 +214,22 @@ def markdown(rows, prompts, args, header) -> str:
     kinds = sorted({p["kind"] for p in prompts})
     lines = [header, ""]
     lines.append(
-        "| policy | scorer | budget | ROUGE-L F1 vs full (mean ± s.e.) | needle accuracy | identical answers | n | "
+        "| policy | scorer | budget | ROUGE-L F1 vs full (mean ± s.e.) | needle accuracy | needles the full cache found, still found | identical answers | n | "
         + " | ".join(f"ROUGE-L {k}" for k in kinds)
         + " | generate s |"
     )
-    lines.append("|" + "---|" * (8 + len(kinds)))
+    lines.append("|" + "---|" * (9 + len(kinds)))
     for row in rows:
         policy = row["policy"]
         scorer = "-" if policy == "none" else ("recency" if policy == "streaming" else row["scorer"])
         budget = "1.0" if policy == "none" else f"{row['budget']:g}"
         if "error" in row:
-            lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (6 + len(kinds)))
+            lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (7 + len(kinds)))
             continue
         rouge = "1.000 (reference)" if policy == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
         lines.append(
             f"| {policy} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
-            f"({row['needle_hits'] / max(1, row['needle_n']):.0%}) | {row['identical']}/{row['n']} | {row['n']} | "
+            f"({row['needle_hits'] / max(1, row['needle_n']):.0%}) | {row['kept_hits']}/{row['kept_n']} | {row['identical']}/{row['n']} | {row['n']} | "
             + " | ".join(f"{row['rouge_by_kind'][k]:.2f}" for k in kinds)
             + f" | {row['generate_s']:.0f} |"
         )
@@ -268,16 +275,18 @@ def plot(rows, path: Path, budgets) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.2])
-    parser.add_argument("--num-prompts", type=int, default=20)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-tokens", type=int, default=1000, help="shortest prompt (tokens, template included)")
-    parser.add_argument("--max-tokens", type=int, default=3000, help="longest prompt")
+    parser.add_argument("--max-tokens", type=int, default=2500, help="longest prompt")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
     parser.add_argument("--seed", type=int, default=0, help="prompt builder seed")
+    parser.add_argument("--recent", type=int, default=1, help="kv_recent: last prompt tokens always kept (the paper: 1)")
     parser.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
     parser.add_argument("--resume", action="store_true", help="reuse configurations already in OUT_DIR/quality.json with the same prompts")
@@ -315,7 +324,7 @@ def main(argv=None) -> int:
         if same:
             previous = {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r}
     results = []
-    for config in configurations(args.budgets, args.policies, args.scorers):
+    for config in configurations(args.budgets, args.policies, args.scorers, args.recent):
         key = json.dumps(config, sort_keys=True)
         if key in previous:
             print(f"[quality] {config_name(config)}: reused from {json_path}", flush=True)
@@ -341,13 +350,14 @@ def main(argv=None) -> int:
             "",
             f"- Command: `{command_line}`",
             f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
-            f"vLLM {_vllm_version()} (vllm-cpu), fp32, eager, block size 32, prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}",
+            f"vLLM {_vllm_version()} (vllm-cpu), fp32, eager, block size 32, prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
+            f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
             f"- Model: SmolLM2-135M-Instruct demo checkpoint (`prefixkv demo-model`), max_model_len {args.max_model_len}",
             f"- Prompts: {len(prompts)} built offline by `benchmarks/prompts.py` (seed {args.seed}): "
             + ", ".join(f"{n} {k}" for k, n in kinds.items())
             + f"; {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), chat template included",
             f"- Decoding: greedy (temperature 0), {args.max_new_tokens} new tokens max, all prompts in one `llm.generate` call per configuration",
-            "- Plugin settings: `kv_sink` 1, `kv_recent` 1, `kv_window` 32, per-layer selection (defaults); "
+            f"- Plugin settings: `kv_sink` 1, `kv_recent` {args.recent}, `kv_window` 32, per-layer selection; "
             "`prefixkv` without a profile (ratios calibrated at start-up with the same scorer, cached)",
             "- ROUGE-L: LCS F1 on whitespace tokens against the full-cache answer to the same prompt; s.e. = standard error over prompts. "
             "Needle accuracy: the answer contains the pass key / badge number.",
