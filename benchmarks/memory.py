@@ -148,6 +148,9 @@ def run_load(server: Server, prompts: list[list[int]], max_tokens: int, poll_s: 
         except Exception as exc:  # reported with the results
             records[index]["error"] = repr(exc)
 
+    from prompts import CpuMeter
+
+    meter = CpuMeter(server.process.pid)
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(prompts))]
     started = time.time()
     for thread in threads:
@@ -168,8 +171,10 @@ def run_load(server: Server, prompts: list[list[int]], max_tokens: int, poll_s: 
                 "finished": [r["done"] is not None for r in records],
             }
         )
+        meter.sample()
         time.sleep(poll_s)
     wall_s = time.time() - started
+    cpu = meter.result()
     time.sleep(2 * poll_s)  # let the gauges catch up with the last step
     after = server.metrics()
     errors = [r["error"] for r in records if r["error"]]
@@ -182,6 +187,7 @@ def run_load(server: Server, prompts: list[list[int]], max_tokens: int, poll_s: 
         "usage_after": after.get("vllm:kv_cache_usage_perc"),
         "prompt_tokens": sum(len(p) for p in prompts),
         "output_tokens": sum(r["chunks"] for r in records),
+        "cpu": cpu,
     }
 
 
@@ -239,6 +245,7 @@ def summarize_decode(load: dict, prompts: list[list[int]], ratios, pool_blocks: 
         "decode_usage_max": max(usages) if usages else float("nan"),
         "usage_after": load["usage_after"],
         "wall_s": load["wall_s"],
+        "foreign_share": load["cpu"]["foreign_share"],
         "errors": load["errors"],
     }
     if decode and pool_blocks:
@@ -266,6 +273,7 @@ def summarize_pressure(load: dict) -> dict:
         "latency_mean_s": sum(latency) / len(latency) if latency else float("nan"),
         "peak_usage": max(usage, default=float("nan")),
         "usage_after": load["usage_after"],
+        "foreign_share": load["cpu"]["foreign_share"],
         "errors": load["errors"],
     }
 
@@ -286,20 +294,20 @@ def markdown(results: list[dict], header: str) -> str:
             "finished. *Predicted* = the block arithmetic (`kept_prompt_blocks` per layer + tail block + generated "
             "tokens) at each sample's progress. *After* = usage once every request finished (0: no leaked blocks).",
             "",
-            "| config | peak usage | decoding: mean | decoding: max | predicted (mean) | decoding mean vs stock | samples | after | wall s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| config | peak usage | decoding: mean | decoding: max | predicted (mean) | decoding mean vs stock | samples | after | wall s | other jobs' CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in decode_rows:
             d = row["decode"]
             if "error" in d:
-                lines.append(f"| {config_name(row['config'])} | FAILED: {d['error']} |" + " |" * 7)
+                lines.append(f"| {config_name(row['config'])} | FAILED: {d['error']} |" + " |" * 8)
                 continue
             ratio = d["decode_usage_mean"] / stock["decode_usage_mean"] if stock and stock.get("decode_usage_mean") else float("nan")
             predicted = d.get("decode_usage_predicted_mean", float("nan"))
             lines.append(
                 f"| {config_name(row['config'])} | {d['peak_usage']:.1%} | {d['decode_usage_mean']:.1%} | "
                 f"{d['decode_usage_max']:.1%} | {predicted:.1%} | {ratio:.2f}x | {d['decode_samples']} | "
-                f"{d['usage_after']:.1%} | {d['wall_s']:.0f} |"
+                f"{d['usage_after']:.1%} | {d['wall_s']:.0f} | {d['foreign_share']:.0%} |"
             )
         lines.append("")
     pressure_rows = [r for r in results if "pressure" in r]
@@ -311,19 +319,20 @@ def markdown(results: list[dict], header: str) -> str:
             "All requests sent at once. *Max running* = the largest `vllm:num_requests_running` sampled; "
             "*preemptions* = increase of `vllm:num_preemptions_total` over the run.",
             "",
-            "| config | wall s | output tok/s | vs stock | total tok/s | max running | preemptions | mean TTFT s | mean latency s | peak usage | after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| config | wall s | output tok/s | vs stock | total tok/s | max running | preemptions | mean TTFT s | mean latency s | peak usage | after | other jobs' CPU |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in pressure_rows:
             p = row["pressure"]
             if "error" in p:
-                lines.append(f"| {config_name(row['config'])} | FAILED: {p['error']} |" + " |" * 9)
+                lines.append(f"| {config_name(row['config'])} | FAILED: {p['error']} |" + " |" * 10)
                 continue
             speedup = p["output_tok_s"] / stock["output_tok_s"] if stock else float("nan")
             lines.append(
                 f"| {config_name(row['config'])} | {p['wall_s']:.0f} | {p['output_tok_s']:.1f} | {speedup:.2f}x | "
                 f"{p['total_tok_s']:.0f} | {p['max_running']:.0f}/{p['requests']} | {p['preemptions']:.0f} | "
-                f"{p['ttft_mean_s']:.1f} | {p['latency_mean_s']:.1f} | {p['peak_usage']:.1%} | {p['usage_after']:.1%} |"
+                f"{p['ttft_mean_s']:.1f} | {p['latency_mean_s']:.1f} | {p['peak_usage']:.1%} | {p['usage_after']:.1%} | "
+                f"{p['foreign_share']:.0%} |"
             )
         lines.append("")
     notes = [r for r in results if r.get("capacity_tokens") or r.get("ratios")]
@@ -407,6 +416,7 @@ def main(argv=None) -> int:
     from prefixkv_vllm.tools.demo_model import demo_model_path
     from prompts import build_prompts
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running server on the way out
     begun = time.time()
     command_line = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -492,6 +502,8 @@ def main(argv=None) -> int:
             f"- Part 2: {args.pressure_requests} prompts of {min(map(len, pressure_prompts))}-{max(map(len, pressure_prompts))} tokens "
             f"sent at once, {args.pressure_decode_tokens} tokens each (`ignore_eos`), greedy",
             f"- Prompts: `benchmarks/prompts.py` (docstring documents, records, needles); all requests stream over HTTP",
+            "- *Other jobs' CPU*: CPU time that processes outside this benchmark took during the load, as a share of the "
+            "machine (from /proc); the machine is shared, so compare timings only where it is near 0",
             f"- Total run time: {total_s / 60:.1f} min",
         ]
     )

@@ -18,13 +18,18 @@ is"), so that a 135M instruction model answers with the fact rather than with
 chatter; the check is whether the generated continuation contains the needle.
 Prompt lengths are spread evenly over ``[min_tokens, max_tokens]`` (chat template
 and primer included) and shuffled across kinds.
+
+Also holds ``CpuMeter``, which both benchmarks use to report how much CPU other jobs
+took while they ran (the numbers come from a shared 2-core machine).
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import random
+import time
 from dataclasses import dataclass
 
 KINDS = ("passkey", "summary", "record", "qa")
@@ -213,6 +218,82 @@ def build_prompts(tokenizer, num_prompts: int, min_tokens: int = 1000, max_token
 
 def answer_contains(answer: str, needle: str) -> bool:
     return needle in answer.replace(",", "")
+
+
+# --- CPU contention probe (shared by the benchmarks) ----------------------------------------
+
+
+class CpuMeter:
+    """CPU seconds spent by a process tree and by everything else on the machine (Linux /proc).
+
+    The benchmarks share a small machine; timings mean little if other jobs ran at the
+    same time. ``sample()`` (call it every second or so while the tree runs) remembers
+    each descendant's cumulative CPU time, so processes that exit are still counted up
+    to their last sample. ``foreign_s`` = machine busy time - the tree's time - our own.
+    """
+
+    def __init__(self, root_pid: int):
+        self.root_pid = root_pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.cpus = os.cpu_count() or 1
+        self.started = time.time()
+        self.busy0 = self._busy()
+        self.own0 = self._own()
+        self.tree: dict[int, float] = {}
+        self.tree0: dict[int, float] = {}
+        self.sample()
+        self.tree0 = dict(self.tree)
+
+    def _busy(self) -> float:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+        steal = fields[7] if len(fields) > 7 else 0
+        return (user + nice + system + irq + softirq + steal) / self.tick
+
+    def _own(self) -> float:
+        times = os.times()
+        return times.user + times.system
+
+    def sample(self) -> None:
+        parents: dict[int, int] = {}
+        cpu: dict[int, float] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(entry)] = int(fields[1])
+            cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+        members = {self.root_pid}
+        changed = True
+        while changed:
+            changed = False
+            for pid, parent in parents.items():
+                if parent in members and pid not in members:
+                    members.add(pid)
+                    changed = True
+        for pid in members:
+            if pid in cpu:
+                self.tree[pid] = max(self.tree.get(pid, 0.0), cpu[pid])
+
+    def result(self) -> dict:
+        self.sample()
+        wall = time.time() - self.started
+        busy = self._busy() - self.busy0
+        tree = sum(v - self.tree0.get(pid, 0.0) for pid, v in self.tree.items())
+        own = self._own() - self.own0
+        foreign = max(0.0, busy - tree - own)
+        return {
+            "wall_s": wall,
+            "machine_busy_s": busy,
+            "benchmark_cpu_s": tree + own,
+            "foreign_cpu_s": foreign,
+            "foreign_share": foreign / (wall * self.cpus) if wall > 0 else 0.0,
+        }
 
 
 if __name__ == "__main__":  # python benchmarks/prompts.py: print what the benchmarks would use

@@ -28,6 +28,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -161,18 +162,33 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(args.reserved_cpus))
+    from prompts import CpuMeter
+
     started = time.time()
     with open(log_path, "w") as log:
-        process = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            meter = CpuMeter(process.pid)
+            while process.poll() is None:
+                meter.sample()
+                time.sleep(0.5)
+        finally:  # interrupted: take the engine processes down with us
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
     wall_s = time.time() - started
+    cpu = meter.result()
     log_text = log_path.read_text(errors="replace")
     plan = next((line.split("PrefixKV: ", 1)[1] for line in log_text.splitlines() if "keep ratios per layer" in line), None)
     if process.returncode != 0:
         tail = "\n".join(log_text.splitlines()[-25:])
-        return {"config": config, "error": f"exit {process.returncode}; log {log_path}:\n{tail}", "wall_s": wall_s, "plan": plan}
+        return {"config": config, "error": f"exit {process.returncode}; log {log_path}:\n{tail}", "wall_s": wall_s, "plan": plan, "cpu": cpu}
     result = json.loads(result_file.read_text())
     result_file.unlink()
-    return {"config": config, **result, "wall_s": wall_s, "plan": plan, "log": str(log_path)}
+    return {"config": config, **result, "wall_s": wall_s, "plan": plan, "log": str(log_path), "cpu": cpu}
 
 
 # --- report --------------------------------------------------------------------
@@ -205,6 +221,7 @@ def score(results: list[dict], prompts: list[dict]) -> list[dict]:
             identical=sum(a == r for a, r in zip(result["answers"], reference["answers"])),
             n=len(rouge),
             generate_s=result["generate_s"],
+            foreign_share=result.get("cpu", {}).get("foreign_share", float("nan")),
         )
         rows.append(row)
     return rows
@@ -216,22 +233,22 @@ def markdown(rows, prompts, args, header) -> str:
     lines.append(
         "| policy | scorer | budget | ROUGE-L F1 vs full (mean ± s.e.) | needle accuracy | needles the full cache found, still found | identical answers | n | "
         + " | ".join(f"ROUGE-L {k}" for k in kinds)
-        + " | generate s |"
+        + " | generate s | other jobs' CPU share |"
     )
-    lines.append("|" + "---|" * (9 + len(kinds)))
+    lines.append("|" + "---|" * (10 + len(kinds)))
     for row in rows:
         policy = row["policy"]
         scorer = "-" if policy == "none" else ("recency" if policy == "streaming" else row["scorer"])
         budget = "1.0" if policy == "none" else f"{row['budget']:g}"
         if "error" in row:
-            lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (7 + len(kinds)))
+            lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (8 + len(kinds)))
             continue
         rouge = "1.000 (reference)" if policy == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
         lines.append(
             f"| {policy} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
             f"({row['needle_hits'] / max(1, row['needle_n']):.0%}) | {row['kept_hits']}/{row['kept_n']} | {row['identical']}/{row['n']} | {row['n']} | "
             + " | ".join(f"{row['rouge_by_kind'][k]:.2f}" for k in kinds)
-            + f" | {row['generate_s']:.0f} |"
+            + f" | {row['generate_s']:.0f} | {row['foreign_share']:.0%} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -304,6 +321,7 @@ def main(argv=None) -> int:
     from prefixkv_vllm.tools.demo_model import demo_model_path
     from prompts import build_prompts
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up in launch()
     begun = time.time()
     command_line = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -361,6 +379,9 @@ def main(argv=None) -> int:
             "`prefixkv` without a profile (ratios calibrated at start-up with the same scorer, cached)",
             "- ROUGE-L: LCS F1 on whitespace tokens against the full-cache answer to the same prompt; s.e. = standard error over prompts. "
             "Needle accuracy: the answer contains the pass key / badge number.",
+            "- *generate s*: wall time of the `llm.generate` call (prefill dominates on CPU). *Other jobs' CPU share*: CPU time "
+            "that processes outside this benchmark took while the configuration ran, as a share of the machine "
+            "(from /proc; this machine is shared, so compare timings only where it is near 0).",
             f"- Total run time: {total_s / 60:.1f} min",
         ]
     )
