@@ -65,6 +65,22 @@ class TestPlan:
         assert plan.block_table[0, :4].tolist() == [0, 1, 8, 9]  # kept blocks, then the tail
         assert plan.max_seq_len == prompt + 4 - gap * BLOCK
 
+    def test_host_lengths_avoid_reading_the_device(self):
+        class DeviceOnly(torch.Tensor):
+            def cpu(self, *args, **kwargs):
+                raise AssertionError("plan_step copied seq_lens from the device")
+
+        policy = build_policy("uniform", 0.25, scorer="mean")
+        batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 40]))
+        qsl, seq_lens, table = step_inputs([67, 0], [1, 40])
+        expected = plan_step(spec(0.25), policy, batch, qsl, seq_lens, table)
+        plan = plan_step(spec(0.25), policy, batch, qsl, seq_lens.as_subclass(DeviceOnly), table, seq_lens_cpu=seq_lens.clone())
+        assert plan.seq_lens.tolist() == expected.seq_lens.tolist() == [68 - 6 * BLOCK, 40]
+        assert plan.seq_lens_cpu.tolist() == expected.seq_lens_cpu.tolist() == plan.seq_lens.tolist()
+        assert plan.max_seq_len == expected.max_seq_len == 40
+        assert torch.equal(plan.block_table, expected.block_table)
+        assert plan.work.compact.rows == expected.work.compact.rows == [1]
+
     def test_nothing_to_do_returns_none(self):
         policy = build_policy("uniform", 0.25)
         batch = BatchInfo(req_ids=["short"], prompt_lens=np.array([5]))

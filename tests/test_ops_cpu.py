@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import prefixkv_vllm.ops  # noqa: F401  (registers torch.ops.prefixkv)
 from prefixkv_vllm.ops import reference as ref
 
-LAYOUTS = ("flash", "cpu", "vllm_cpu", "interleaved")
+LAYOUTS = ("flash", "flash_hnd", "cpu", "vllm_cpu", "interleaved")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -30,6 +30,8 @@ def make_caches(layout, num_blocks, block_size, num_kv_heads, head_dim, dtype, g
     """Storage and key/value views ``[num_blocks, block_size, Hkv, D]`` in a vLLM layout.
 
     flash: ``[2, N, bs, H, D]`` split (the view is the storage layout).
+    flash_hnd: vLLM 0.32's FlashAttention cache, ``[N, H, bs, 2D]`` pages with each
+        token's key and value side by side.
     cpu: ``[2, N, H, bs, D]`` split and permuted.
     vllm_cpu: vLLM's CPU cache, ``[N, H, 2, bs * D]`` pages with keys stored
         transposed (``[D, bs]``, so head_dim is strided) and values token-major.
@@ -37,6 +39,7 @@ def make_caches(layout, num_blocks, block_size, num_kv_heads, head_dim, dtype, g
     """
     shape = {
         "flash": (2, num_blocks, block_size, num_kv_heads, head_dim),
+        "flash_hnd": (num_blocks, num_kv_heads, block_size, 2 * head_dim),
         "cpu": (2, num_blocks, num_kv_heads, block_size, head_dim),
         "vllm_cpu": (num_blocks, num_kv_heads, 2, block_size * head_dim),
         "interleaved": (num_blocks, num_kv_heads, 2, block_size, head_dim),
@@ -53,6 +56,9 @@ def make_caches(layout, num_blocks, block_size, num_kv_heads, head_dim, dtype, g
 def cache_views(layout, storage, block_size, head_dim):
     if layout == "flash":
         return storage[0], storage[1]
+    if layout == "flash_hnd":
+        keys, values = storage.transpose(1, 2).split(head_dim, dim=-1)
+        return keys, values
     if layout == "cpu":
         return storage[0].permute(0, 2, 1, 3), storage[1].permute(0, 2, 1, 3)
     if layout == "vllm_cpu":

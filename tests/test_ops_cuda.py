@@ -1,4 +1,8 @@
-"""CUDA ops against the pure-torch reference (skipped without a CUDA device)."""
+"""CUDA ops against the pure-torch reference (skipped without a CUDA device).
+
+float16/bfloat16 with head_dim % 16 == 0 run the tensor-core kernels
+(csrc/cuda/importance_mma.cu); float32 and other head dims run the SIMT ones.
+"""
 
 from __future__ import annotations
 
@@ -23,31 +27,90 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-# The CUDA kernels read head_dim rows with vector loads: FlashAttention-style layouts only.
-CUDA_LAYOUTS = ("flash", "cpu", "interleaved")
+# The CUDA kernels read head_dim rows with vector loads: layouts with a contiguous head_dim.
+CUDA_LAYOUTS = ("flash", "flash_hnd", "cpu", "interleaved")
+
+
+def to_cuda(values):
+    return [v.cuda() if isinstance(v, torch.Tensor) else v for v in values]
+
+
+def importance_both_ways(case, pass_lse):
+    """(CUDA result, reference result) for one case."""
+    x = build_importance_inputs(case)
+    args = (x["query"], x["key"], x["table"], x["qsl"], x["seq_lens"], x["min_pos"], x["scale"])
+    lse = ref.attention_lse(*args[:5], x["scale"]) if pass_lse else None
+    expected = x["scores"].clone()
+    ref.importance(*args, expected, lse)
+    actual = x["scores"].cuda()
+    torch.ops.prefixkv.importance(*to_cuda(args), actual, None if lse is None else lse.cuda())
+    return actual.cpu(), expected
 
 
 @settings(max_examples=60, deadline=None)
 @given(importance_case())
 def test_importance_cuda_matches_reference(case):
     if case["layout"] not in CUDA_LAYOUTS:
-        case["layout"] = "flash"
+        case["layout"] = "flash_hnd"
+    actual, expected = importance_both_ways(case, case["pass_lse"])
+    torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256, 40])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("pass_lse", [False, True])
+def test_importance_cuda_model_shapes(dtype, head_dim, group, pass_lse):
+    """Several 64-row tiles, tile-straddling chunks and windows, Llama/LLaVA head dims."""
+    case = dict(
+        layout="flash_hnd",
+        dtype=dtype,
+        num_kv_heads=2,
+        num_q_heads=2 * group,
+        head_dim=head_dim,
+        block_size=16,
+        seq_lens=[700, 129, 64, 1, 300],
+        q_lens=[700, 65, 64, 1, 37],  # whole prompts and later chunks
+        min_pos=[0, 0, 40, 0, 290],  # windows that start inside a tile
+        temperature=2.0,
+        pass_lse=pass_lse,
+        seed=head_dim * 10 + group,
+    )
+    actual, expected = importance_both_ways(case, pass_lse)
+    torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
+
+
+def test_importance_cuda_accumulates_across_chunks():
+    case = dict(
+        layout="flash_hnd", dtype=torch.bfloat16, num_kv_heads=2, num_q_heads=8, head_dim=128, block_size=16,
+        seq_lens=[500], q_lens=[500], min_pos=[0], temperature=1.0, pass_lse=False, seed=3,
+    )
     x = build_importance_inputs(case)
-    args = (x["query"], x["key"], x["table"], x["qsl"], x["seq_lens"], x["min_pos"], x["scale"])
-    lse = ref.attention_lse(*args[:5], x["scale"]) if case["pass_lse"] else None
-    expected = x["scores"].clone()
-    ref.importance(*args, expected, lse)
-    actual = x["scores"].cuda()
-    on_device = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    torch.ops.prefixkv.importance(*on_device, actual, None if lse is None else lse.cuda())
-    torch.testing.assert_close(actual.cpu(), expected, rtol=2e-3, atol=2e-4)
+    one_shot = x["scores"].cuda()
+    torch.ops.prefixkv.importance(
+        *to_cuda((x["query"], x["key"], x["table"], x["qsl"], x["seq_lens"], x["min_pos"], x["scale"])), one_shot, None
+    )
+    chunked = x["scores"].cuda()
+    for begin, end in [(0, 100), (100, 333), (333, 500)]:
+        torch.ops.prefixkv.importance(
+            x["query"][begin:end].cuda(), x["key"].cuda(), x["table"].cuda(),
+            torch.tensor([0, end - begin], dtype=torch.int32, device="cuda"),
+            torch.tensor([end], dtype=torch.int32, device="cuda"), x["min_pos"].cuda(), x["scale"], chunked, None,
+        )
+    torch.testing.assert_close(chunked, one_shot, rtol=1e-4, atol=1e-5)
 
 
-@settings(max_examples=60, deadline=None)
-@given(compact_case())
-def test_compact_cuda_matches_reference(case):
-    if case["layout"] not in CUDA_LAYOUTS:
-        case["layout"] = "flash"
+def test_strided_head_dim_is_rejected_on_cuda():
+    gen = torch.Generator().manual_seed(0)
+    table, num_blocks = make_block_table([20], 16, gen)
+    _, key, value = make_caches("vllm_cpu", num_blocks, 16, 2, 32, torch.bfloat16, gen)
+    keep = build_keep_indices([20], [4], 1, gen)
+    with pytest.raises(RuntimeError, match="head_dim must be contiguous on CUDA"):
+        torch.ops.prefixkv.compact(key.cuda(), value.cuda(), table.cuda(), keep.cuda(), torch.tensor([4], dtype=torch.int32, device="cuda"))
+
+
+def compact_both_ways(case):
+    """(CUDA storage after, reference storage after) for one compaction case."""
     gen = torch.Generator().manual_seed(case["seed"])
     table, num_blocks = make_block_table(case["lengths"], case["block_size"], gen)
     storage, _, _ = make_caches(
@@ -60,4 +123,67 @@ def test_compact_cuda_matches_reference(case):
     device_storage = storage.cuda()
     key, value = cache_views(case["layout"], device_storage, case["block_size"], case["head_dim"])
     torch.ops.prefixkv.compact(key, value, table.cuda(), keep.cuda(), num_kept.cuda())
+    return device_storage.cpu(), expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(compact_case())
+def test_compact_cuda_matches_reference(case):
+    if case["layout"] not in CUDA_LAYOUTS:
+        case["layout"] = "flash_hnd"
+    actual, expected = compact_both_ways(case)
+    assert torch.equal(bits(actual), bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8, torch.float32])  # uint8: fp8 caches' bytes
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_compact_cuda_model_shapes(dtype, head_dim):
+    """Long prompts (several shared-memory tiles per head) in FlashAttention's layout."""
+    case = dict(
+        layout="flash_hnd", dtype=dtype, num_kv_heads=8, block_size=16, head_dim=head_dim,
+        lengths=[3000, 517, 64], kept=[600, 517, 1], shared=False, seed=head_dim,
+    )
+    actual, expected = compact_both_ways(case)
+    assert torch.equal(bits(actual), bits(expected))
+
+
+def test_ops_replay_inside_a_cuda_graph():
+    """Both ops read no device values on the host, so they can be captured and replayed."""
+    case = dict(
+        layout="flash_hnd", dtype=torch.bfloat16, num_kv_heads=2, num_q_heads=8, head_dim=128, block_size=16,
+        seq_lens=[300, 90], q_lens=[300, 26], min_pos=[0, 0], temperature=1.0, pass_lse=False, seed=5,
+    )
+    x = build_importance_inputs(case)
+    args = to_cuda((x["query"], x["key"], x["table"], x["qsl"], x["seq_lens"], x["min_pos"], x["scale"]))
+    eager = x["scores"].cuda()
+    torch.ops.prefixkv.importance(*args, eager, None)
+
+    captured = x["scores"].cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch recommends
+        torch.ops.prefixkv.importance(*args, x["scores"].cuda(), None)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.prefixkv.importance(*args, captured, None)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)  # deterministic kernels
+
+    gen = torch.Generator().manual_seed(6)
+    table, num_blocks = make_block_table([300, 90], 16, gen)
+    storage, _, _ = make_caches("flash_hnd", num_blocks, 16, 2, 128, torch.bfloat16, gen)
+    keep = build_keep_indices([300, 90], [64, 32], 2, gen)
+    num_kept = torch.tensor([64, 32], dtype=torch.int32)
+    expected = storage.clone()
+    ref.compact(*cache_views("flash_hnd", expected, 16, 128), table, keep, num_kept)
+    device_storage = storage.cuda()
+    key, value = cache_views("flash_hnd", device_storage, 16, 128)
+    compact_args = (key, value, table.cuda(), keep.cuda(), num_kept.cuda())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.prefixkv.compact(*compact_args)
+    graph.replay()  # once: compaction is not idempotent
+    torch.cuda.synchronize()
     assert torch.equal(bits(device_storage.cpu()), bits(expected))

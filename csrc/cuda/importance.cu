@@ -1,6 +1,7 @@
 // CUDA kernels of prefixkv.importance (semantics: prefixkv_vllm/ops/reference.py).
 //
-// Deliberately simple SIMT kernels (no tensor cores yet). Both passes share one
+// SIMT kernels for float32 and for the shapes the tensor-core kernels
+// (importance_mma.cu) do not take; the launchers at the end pick. Both passes share one
 // shape: a block stages two 32-row float tiles in shared memory, a "lane tile"
 // whose row is chosen by the lane and a "broadcast tile" whose row is the same
 // for the whole warp; each lane computes dot products of length head_dim.
@@ -32,6 +33,7 @@
 #include <cuda_runtime.h>
 
 #include "launchers.h"
+#include "tiling.cuh"
 
 namespace prefixkv {
 namespace cuda {
@@ -67,44 +69,6 @@ __device__ __forceinline__ void load_tile(float* tile, int ld, int head_dim,
   }
 }
 
-// Paged key row (token position `pos`, KV head `g`) of one sequence.
-template <typename KT>
-__device__ __forceinline__ const KT* key_row(const ImportanceParams& p,
-                                             const KT* key_cache,
-                                             const int32_t* bt_row, int pos,
-                                             int g) {
-  const int64_t block = bt_row[static_cast<int64_t>(pos / p.block_size) * p.bt_stride_col];
-  const int64_t slot = pos % p.block_size;
-  return key_cache + block * p.k_stride_block + slot * p.k_stride_slot +
-         static_cast<int64_t>(g) * p.k_stride_head;
-}
-
-// Query tiles are aligned to sequences: sequence b owns the tile indices
-// [A(b), A(b + 1)) with A(b) = query_start_loc[b] / kTile + b. A is strictly
-// increasing and A(b + 1) - A(b) = floor((query_start_loc[b] % kTile + q_len)
-// / kTile) + 1 >= ceil(q_len / kTile), so every sequence gets enough tiles and
-// A(B) <= num_tokens / kTile + B bounds the grid without reading the device.
-__device__ __forceinline__ int64_t tile_base(const int32_t* query_start_loc,
-                                             int b) {
-  return static_cast<int64_t>(query_start_loc[b] / kTile) + b;
-}
-
-// Last b in [0, num_seqs) with tile_base(b) <= x, or -1.
-__device__ __forceinline__ int find_sequence_of_tile(
-    const int32_t* query_start_loc, int num_seqs, int64_t x) {
-  if (num_seqs <= 0 || tile_base(query_start_loc, 0) > x) return -1;
-  int lo = 0, hi = num_seqs - 1;
-  while (lo < hi) {
-    const int mid = lo + (hi - lo + 1) / 2;
-    if (tile_base(query_start_loc, mid) <= x) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return lo;
-}
-
 template <typename QT, typename KT>
 __global__ void __launch_bounds__(kLseThreads)
     attention_lse_kernel(const ImportanceParams p) {
@@ -117,11 +81,11 @@ __global__ void __launch_bounds__(kLseThreads)
   float* s_s = s_m + kLseWarps * kTile;  // [kLseWarps][kTile]
 
   const int num_seqs = static_cast<int>(p.num_seqs);
-  const int b = find_sequence_of_tile(p.query_start_loc, num_seqs, blockIdx.x);
+  const int b = find_sequence_of_tile<kTile>(p.query_start_loc, num_seqs, blockIdx.x);
   if (b < 0) return;
   const int q_begin = p.query_start_loc[b];
   const int q_len = p.query_start_loc[b + 1] - q_begin;
-  const int row0 = static_cast<int>(blockIdx.x - tile_base(p.query_start_loc, b)) * kTile;
+  const int row0 = static_cast<int>(blockIdx.x - tile_base<kTile>(p.query_start_loc, b)) * kTile;
   if (row0 >= q_len) return;  // spare tile of this sequence (uniform exit)
   const int num_rows = min(kTile, q_len - row0);
   const int seq_len = p.seq_lens[b];
@@ -302,7 +266,7 @@ cudaError_t check_shapes(const ImportanceParams& p) {
 
 template <typename QT, typename KT>
 cudaError_t launch_lse_typed(const ImportanceParams& p, cudaStream_t stream) {
-  const int64_t grid_x = p.num_tokens / kTile + p.num_seqs;  // >= A(B), see tile_base
+  const int64_t grid_x = num_query_tile_slots<kTile>(p.num_tokens, p.num_seqs);
   if (grid_x <= 0 || grid_x > 0x7fffffff) {
     return grid_x <= 0 ? cudaSuccess : cudaErrorInvalidValue;
   }
@@ -315,30 +279,31 @@ cudaError_t launch_lse_typed(const ImportanceParams& p, cudaStream_t stream) {
 }
 
 template <typename QT, typename KT>
-cudaError_t launch_scores_typed(const ImportanceParams& p, cudaStream_t stream) {
+cudaError_t launch_scores_typed(const ImportanceParams& p, int num_sms, cudaStream_t stream) {
   const int64_t max_key_tiles = (p.max_keys + kTile - 1) / kTile;
   const int64_t pairs = p.num_seqs * p.num_kv_heads;
   if (max_key_tiles <= 0 || pairs <= 0) return cudaSuccess;
   if (p.num_kv_heads > 65535) return cudaErrorInvalidValue;
   // Enough blocks to fill the device; each walks key tiles with a grid stride,
   // so no host-side knowledge of the sequence lengths is needed.
-  int device = 0;
-  int num_sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
   const int64_t target_blocks = static_cast<int64_t>(num_sms) * 16;
   int64_t grid_x = (target_blocks + pairs - 1) / pairs;
   if (grid_x > max_key_tiles) grid_x = max_key_tiles;
   if (grid_x < 1) grid_x = 1;
   const size_t smem = scores_smem_bytes(p.head_dim);
-  err = allow_dynamic_smem(importance_scores_kernel<QT, KT>, smem);
+  const cudaError_t err = allow_dynamic_smem(importance_scores_kernel<QT, KT>, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(p.num_seqs));
   importance_scores_kernel<QT, KT><<<grid, kScoreThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+cudaError_t multiprocessor_count(int* num_sms) {
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return cudaDeviceGetAttribute(num_sms, cudaDevAttrMultiProcessorCount, device);
 }
 
 // Calls f(QT*, KT*) (null pointers used as type tags) for the runtime kinds.
@@ -373,6 +338,7 @@ cudaError_t dispatch_types(ScalarKind query_kind, ScalarKind key_kind, F&& f) {
 cudaError_t launch_attention_lse(const ImportanceParams& p, cudaStream_t stream) {
   const cudaError_t err = check_shapes(p);
   if (err != cudaSuccess) return err;
+  if (mma_importance_supported(p)) return launch_attention_lse_mma(p, stream);
   return dispatch_types(p.query_kind, p.key_kind, [&](auto* q_tag, auto* k_tag) {
     using QT = std::remove_pointer_t<decltype(q_tag)>;
     using KT = std::remove_pointer_t<decltype(k_tag)>;
@@ -381,12 +347,16 @@ cudaError_t launch_attention_lse(const ImportanceParams& p, cudaStream_t stream)
 }
 
 cudaError_t launch_importance_scores(const ImportanceParams& p, cudaStream_t stream) {
-  const cudaError_t err = check_shapes(p);
+  cudaError_t err = check_shapes(p);
   if (err != cudaSuccess) return err;
+  int num_sms = 0;
+  err = multiprocessor_count(&num_sms);
+  if (err != cudaSuccess) return err;
+  if (mma_importance_supported(p)) return launch_importance_scores_mma(p, num_sms, stream);
   return dispatch_types(p.query_kind, p.key_kind, [&](auto* q_tag, auto* k_tag) {
     using QT = std::remove_pointer_t<decltype(q_tag)>;
     using KT = std::remove_pointer_t<decltype(k_tag)>;
-    return launch_scores_typed<QT, KT>(p, stream);
+    return launch_scores_typed<QT, KT>(p, num_sms, stream);
   });
 }
 

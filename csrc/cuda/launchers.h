@@ -85,6 +85,14 @@ cudaError_t launch_attention_lse(const ImportanceParams& p, cudaStream_t stream)
 cudaError_t launch_importance_scores(const ImportanceParams& p,
                                      cudaStream_t stream);
 
+// Tensor-core variants (importance_mma.cu), which the two launchers above pick
+// when this holds: float16 or bfloat16 query and keys of one type, head_dim a
+// multiple of 16 up to 256, 16-byte aligned rows, compute capability >= 8.0.
+bool mma_importance_supported(const ImportanceParams& p);
+cudaError_t launch_attention_lse_mma(const ImportanceParams& p, cudaStream_t stream);
+cudaError_t launch_importance_scores_mma(const ImportanceParams& p, int num_sms,
+                                         cudaStream_t stream);
+
 struct CompactParams {
   // Caches are moved byte-wise, so any element type works (including fp8).
   // Strides are in elements; element_size is in bytes.

@@ -15,6 +15,8 @@ from .kv_spec import PrefixKVAttentionSpec
 
 logger = init_logger("vllm.prefixkv")  # under "vllm" so that vLLM's log handlers show it
 
+UNQUANTIZED_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
 
 def configure_engine(vllm_config) -> None:
     """Validate, resolve ratios into ``additional_config``, and turn off prefix caching."""
@@ -50,6 +52,10 @@ def _check_supported(vllm_config) -> None:
         reasons.append("sliding-window or mixed attention layers")
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding")
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    if cache_dtype not in UNQUANTIZED_CACHE_DTYPES:
+        # Compaction would move quantized bytes fine; scoring would read keys without their scales.
+        reasons.append(f"quantized KV caches (--kv-cache-dtype {cache_dtype})")
     if vllm_config.use_v2_model_runner:
         reasons.append("Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
     if reasons:

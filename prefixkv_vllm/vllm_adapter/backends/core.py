@@ -68,6 +68,7 @@ class StepWork:
 @dataclass
 class StepPlan:
     seq_lens: torch.Tensor
+    seq_lens_cpu: torch.Tensor
     block_table: torch.Tensor
     max_seq_len: int
     work: StepWork | None
@@ -80,8 +81,14 @@ def plan_step(
     query_start_loc_cpu: torch.Tensor,
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
+    seq_lens_cpu: torch.Tensor | None = None,
 ) -> StepPlan | None:
-    """The group's effective metadata and this step's work, or ``None`` when nothing changes."""
+    """The group's effective metadata and this step's work, or ``None`` when nothing changes.
+
+    ``seq_lens_cpu`` is the host copy of ``seq_lens`` (vLLM's ``seq_lens_cpu_upper_bound``,
+    exact without speculative decoding, which start-up rejects); without it the lengths
+    are read from the device, a synchronisation on GPUs.
+    """
     num_reqs = seq_lens.shape[0]
     if batch is None or spec.keep_ratio >= 1.0 or num_reqs == 0:
         return None
@@ -89,7 +96,9 @@ def plan_step(
     known = min(num_reqs, len(batch.req_ids))
     prompt_lens = np.full(num_reqs, np.iinfo(np.int64).max, dtype=np.int64)  # rows without a request (dummy runs)
     prompt_lens[:known] = batch.prompt_lens[:known]
-    seq_lens_cpu = seq_lens.cpu().numpy().astype(np.int64)
+    if seq_lens_cpu is None:
+        seq_lens_cpu = seq_lens.cpu()
+    seq_lens_cpu = seq_lens_cpu[:num_reqs].numpy().astype(np.int64)
     starts = query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
     query_lens = starts[1:] - starts[:-1]
     computed_before = seq_lens_cpu - query_lens
@@ -135,8 +144,14 @@ def plan_step(
             if compact_rows
             else None,
         )
-    max_seq_len = int((seq_lens_cpu - gap * block_size).max())
-    return StepPlan(effective_seq_lens, effective_table, max_seq_len, work)
+    effective_seq_lens_cpu = seq_lens_cpu - gap * block_size
+    return StepPlan(
+        effective_seq_lens,
+        torch.from_numpy(effective_seq_lens_cpu).to(torch.int32),
+        effective_table,
+        int(effective_seq_lens_cpu.max()),
+        work,
+    )
 
 
 def _score_work(rows, starts, computed_before, seq_lens, prompt_lens, policy, block_table) -> ScoreWork:
@@ -250,11 +265,15 @@ class PrefixKVBuilderMixin:
                 common_attn_metadata.query_start_loc_cpu,
                 common_attn_metadata.seq_lens,
                 common_attn_metadata.block_table_tensor,
+                seq_lens_cpu=common_attn_metadata.seq_lens_cpu_upper_bound,
             )
         if plan is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         effective = common_attn_metadata.replace(
-            seq_lens=plan.seq_lens, block_table_tensor=plan.block_table, max_seq_len=plan.max_seq_len
+            seq_lens=plan.seq_lens,
+            seq_lens_cpu_upper_bound=None if common_attn_metadata.seq_lens_cpu_upper_bound is None else plan.seq_lens_cpu,
+            block_table_tensor=plan.block_table,
+            max_seq_len=plan.max_seq_len,
         )
         metadata = super().build(common_prefix_len, effective, fast_build)
         stock_fields = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(metadata)}
