@@ -146,6 +146,7 @@ def test_aborted_stream_frees_its_blocks(compressed):
         (("--kv-policy", "uniform", "--kv-scorer", "max"), "argument --kv-scorer: invalid choice: 'max'"),
         (("--kv-policy", "prefixkv", "--kv-profile", "/nonexistent/profile.json"), "prefixkv: error: --kv-profile /nonexistent/profile.json: cannot read profile"),
         (("--kv-policy", "prefixkv", "--kv-tiers", "7"), "prefixkv: error: --kv-tiers 7 must divide the model's 30 layers evenly"),
+        (("--kv-policy", "uniform", "--kv-cache-dtype", "fp8"), "prefixkv: error: PrefixKV does not support quantized KV caches (--kv-cache-dtype fp8)"),
     ],
 )
 def test_bad_settings_fail_at_start_up_with_one_line(model, log_dir, args, message):
