@@ -28,7 +28,6 @@ Writes ``memory.md``, ``memory.png`` and ``memory.json`` under ``--out-dir``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -37,8 +36,6 @@ import platform
 import re
 import shlex
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,6 +47,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from prefixkv_vllm.tools.server import ServerProcess, vllm_server, vllm_version  # noqa: E402
+
 BLOCK_SIZE = 32
 SERVE_ARGS = [
     "--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo",
@@ -60,26 +59,7 @@ SERVE_ARGS = [
 # --- server ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base_url: str, process: subprocess.Popen, log_path: Path):
-        self.base_url, self.process, self.log_path = base_url, process, log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"{self.base_url}/metrics", timeout=30).read().decode()
-        values: dict[str, float] = {}
-        for match in re.finditer(r"^(vllm:[A-Za-z0-9_:]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
-            values[match.group(1)] = values.get(match.group(1), 0.0) + float(match.group(2))
-        return values
-
+class Server(ServerProcess):
     def stream_completion(self, prompt_ids: list[int], max_tokens: int, record: dict) -> None:
         body = {
             "model": "demo", "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
@@ -102,36 +82,11 @@ class Server:
         record["done"] = time.time()
 
 
-@contextlib.contextmanager
 def serve(model: str, extra_args: list[str], kv_space_gib: int, log_path: Path, max_model_len: int, reserved_cpus: int, timeout: float = 900):
-    port = _free_port()
-    vllm = str(Path(sys.executable).parent / "vllm")
-    command = [vllm, "serve", model, "--port", str(port), "--max-model-len", str(max_model_len), *SERVE_ARGS, *extra_args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)}
-    env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved_cpus))
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{server.log()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{server.base_url}/health", timeout=5).status == 200:
-                    break
-            if time.time() > deadline:
-                raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{server.log()[-3000:]}")
-            time.sleep(1)
-        yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_space_gib)}
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", str(reserved_cpus))
+    args = ["--max-model-len", str(max_model_len), *SERVE_ARGS, *extra_args]
+    return vllm_server(model, args, log_path=log_path, env=env, server_class=Server, timeout=timeout)
 
 
 # --- one load ----------------------------------------------------------------------
@@ -234,7 +189,6 @@ def config_args(config: dict, scorer: str) -> list[str]:
 
 def summarize_decode(load: dict, prompts: list[list[int]], ratios, pool_blocks: int | None) -> dict:
     """Usage while every request decodes (after its first token, before any finished)."""
-    n = len(prompts)
     decode = [s for s in load["samples"] if s["usage"] is not None and min(s["progress"]) >= 2 and not any(s["finished"])]
     usages = [s["usage"] for s in decode]
     peak = max((s["usage"] for s in load["samples"] if s["usage"] is not None), default=float("nan"))
@@ -411,10 +365,10 @@ def main(argv=None) -> int:
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
     args = parser.parse_args(argv)
 
+    from prompts import build_prompts
     from transformers import AutoTokenizer
 
     from prefixkv_vllm.tools.demo_model import demo_model_path
-    from prompts import build_prompts
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running server on the way out
     begun = time.time()
@@ -492,16 +446,16 @@ def main(argv=None) -> int:
             "",
             f"- Command: `{command_line}`",
             f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU; "
-            f"`vllm serve` (vllm-cpu {_vllm_version()}) with {' '.join(SERVE_ARGS[:-3])} --max-model-len {args.max_model_len}, "
+            f"`vllm serve` ({vllm_version()}) with {' '.join(SERVE_ARGS[:-3])} --max-model-len {args.max_model_len}, "
             f"prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} (the same pool in bytes for every configuration), "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
-            f"- Model: SmolLM2-135M-Instruct demo checkpoint (30 layers, 3 KV heads of 64: 46 KiB of fp32 KV per token)",
+            "- Model: SmolLM2-135M-Instruct demo checkpoint (30 layers, 3 KV heads of 64: 46 KiB of fp32 KV per token)",
             f"- Plugin: `--kv-scorer {args.scorer}`, sink 1, recent 1; `prefixkv` ratios calibrated at start-up (cached)",
             f"- Part 1: {args.concurrent} prompts of {min(map(len, decode_prompts))}-{max(map(len, decode_prompts))} tokens "
             f"sent at once, {args.decode_tokens} tokens decoded each (`ignore_eos`), `/metrics` polled every {args.poll} s",
             f"- Part 2: {args.pressure_requests} prompts of {min(map(len, pressure_prompts))}-{max(map(len, pressure_prompts))} tokens "
             f"sent at once, {args.pressure_decode_tokens} tokens each (`ignore_eos`), greedy",
-            f"- Prompts: `benchmarks/prompts.py` (docstring documents, records, needles); all requests stream over HTTP",
+            "- Prompts: `benchmarks/prompts.py` (docstring documents, records, needles); all requests stream over HTTP",
             "- *Other jobs' CPU*: CPU time that processes outside this benchmark took during the load, as a share of the "
             "machine (from /proc); the machine is shared, so compare timings only where it is near 0",
             f"- Total run time: {total_s / 60:.1f} min",
@@ -532,15 +486,6 @@ def _compact(row: dict) -> dict:
             }
             row[key] = load
     return row
-
-
-def _vllm_version() -> str:
-    try:
-        import importlib.metadata
-
-        return importlib.metadata.version("vllm-cpu")
-    except Exception:
-        return "?"
 
 
 if __name__ == "__main__":

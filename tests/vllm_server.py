@@ -2,50 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import requests
 
-VLLM = str(Path(sys.executable).parent / "vllm")
+from prefixkv_vllm.tools.server import VLLM, ServerProcess, free_port, vllm_server
+
 SERVE_DEFAULTS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32", "--served-model-name", "demo"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    def __init__(self, base_url: str, process: subprocess.Popen, log_path: Path):
-        self.base_url, self.process, self.log_path = base_url, process, log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
+class Server(ServerProcess):
     def chat(self, content: str, max_tokens: int = 48, **extra) -> dict:
         body = {"model": "demo", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
         body.update({"temperature": 0, **extra})
         response = requests.post(f"{self.base_url}/v1/chat/completions", json=body, timeout=600)
         response.raise_for_status()
         return response.json()
-
-    def metric(self, name: str) -> float:
-        text = requests.get(f"{self.base_url}/metrics", timeout=30).text
-        values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-        if not values:
-            raise KeyError(f"{name} not in /metrics")
-        return sum(values)
 
     def stream_chat(self, content: str, max_tokens: int, progress: list, index: int, **extra) -> str:
         """Streams a chat completion, counting received chunks in ``progress[index]``."""
@@ -63,37 +40,16 @@ class Server:
         return "".join(pieces)
 
 
-@contextlib.contextmanager
 def serve(model: str, *args: str, env: dict | None = None, log_dir: Path, timeout: float = 900):
-    port = free_port()
-    log_path = log_dir / f"vllm-{port}.log"
-    environment = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
-    command = [VLLM, "serve", model, "--port", str(port), *SERVE_DEFAULTS, *args]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{server.log()[-3000:]}")
-            try:
-                if requests.get(f"{server.base_url}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.time() > deadline:
-                raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{server.log()[-3000:]}")
-            time.sleep(1)
-        yield server
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    log_path = log_dir / f"vllm-{time.time_ns()}.log"
+    return vllm_server(
+        model,
+        [*SERVE_DEFAULTS, *args],
+        log_path=log_path,
+        env={"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})},
+        server_class=Server,
+        timeout=timeout,
+    )
 
 
 def run_startup_failure(model: str, *args: str, log_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
