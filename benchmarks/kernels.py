@@ -4,7 +4,7 @@ For each model shape and prompt length (one prompt, as in a prefill step):
 
 * ``torch.ops.prefixkv.importance`` with the full prompt scored (``raw``/``mean``
   scorers), once computing the row log-sum-exp itself and once given it (as an
-  attention kernel that returns lse could), and with a 64-query observation
+  attention kernel that returns lse could), and with a 32-query observation
   window (``window`` scorer); each as a fraction of causal prefill attention for
   the same shape (``torch.nn.functional.scaled_dot_product_attention``, the flash
   backend on CUDA, as a stand-in for FlashAttention), and as TFLOP/s against the
@@ -40,7 +40,7 @@ import prefixkv_vllm.ops as ops
 from prefixkv_vllm.ops import reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WINDOW = 64
+WINDOW = 32  # the plugin's default --kv-window
 KEEP_FRACTION = 0.2
 BLOCK_SIZE = 16
 
