@@ -68,6 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--configs", nargs="+", type=int, help="indices into CONFIGS to run (default: all); 0 (stock) always runs")
     parser.add_argument("--run-config", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_config:
@@ -75,7 +76,8 @@ def main() -> None:
         return
 
     results = {}
-    for label, settings in CONFIGS:
+    chosen = [CONFIGS[i] for i in sorted({0, *args.configs})] if args.configs else CONFIGS
+    for label, settings in chosen:
         command = [sys.executable, __file__, "--budget", str(args.budget), "--repeats", str(args.repeats),
                    "--run-config", json.dumps(settings)]
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
@@ -94,7 +96,7 @@ def write_report(results: dict, args) -> None:
         "",
         f"Measured {date.today()} on a 2-core x86 CPU (AVX2), vllm-cpu 0.32.0, SmolLM2-135M-Instruct fp32,",
         f"`--enforce-eager --block-size 32`, budget {args.budget}, best of {args.repeats} runs after a warm-up.",
-        f"Command: `python benchmarks/groups.py --budget {args.budget} --repeats {args.repeats}`",
+        f"Command: `python benchmarks/groups.py {' '.join(sys.argv[1:])}`",
         "",
         "| configuration | " + " | ".join(f"{w}: s (vs stock)" for w in workloads) + " |",
         "|---|" + "---|" * len(workloads),

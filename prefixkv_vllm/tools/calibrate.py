@@ -58,14 +58,17 @@ def calibration_prompts(tokenizer, num_prompts: int, max_tokens: int) -> list[li
 @torch.no_grad()
 def layer_attention(model, input_ids: list[int], min_query_pos: int) -> list[torch.Tensor]:
     """Per layer, the attention each token receives from queries at ``>= min_query_pos``: ``[Hkv, S]``."""
-    config = model.config
-    num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    num_kv_heads = _num_kv_heads(model.config.get_text_config())
     outputs = model(torch.tensor([input_ids]), output_attentions=True, use_cache=False)
     accumulated = []
     for probs in outputs.attentions:  # [1, Hq, S, S]
         received = probs[0, :, min_query_pos:, :].float().sum(dim=1)  # [Hq, S]
         accumulated.append(received.view(num_kv_heads, -1, received.shape[-1]).mean(dim=1))
     return accumulated
+
+
+def _num_kv_heads(text_config) -> int:
+    return getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
 
 
 def calibrate(
@@ -77,11 +80,15 @@ def calibrate(
     num_prompts: int = 8,
     max_tokens: int = 1024,
 ) -> Profile:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    # Vision-language models are calibrated on the same text-only prompts (no image data offline).
+    text_config = config.get_text_config()
+    auto_class = AutoModelForCausalLM if text_config is config else AutoModelForImageTextToText
+    model = auto_class.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
     ).eval()
     token_scorer = make_scorer(scorer, window=window)
@@ -95,12 +102,11 @@ def calibrate(
         for budget in budgets:
             counts[budget].append(search_prefix_config(curves, budget).tolist())
         lengths.append(prompt_len)
-    config = model.config
     identity = ModelIdentity(
         name=Path(model_path).name,
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+        num_layers=text_config.num_hidden_layers,
+        num_kv_heads=_num_kv_heads(text_config),
+        head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
     )
     return Profile(
         identity,
