@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
+from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets, request_budget  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import _tiered  # noqa: E402
 
 
@@ -48,3 +49,40 @@ def test_tiers_keep_the_mean_and_group_by_ratio():
     assert sum(tiered) == pytest.approx(sum(ratios))
     assert tiered[1] == tiered[3] == pytest.approx(0.15)  # the two lowest share a tier
     assert _tiered(ratios, 0) == list(ratios)
+
+
+SERVER = PrefixKVConfig(policy="prefixkv", budget=0.2)
+
+
+@pytest.mark.parametrize(
+    "extra_args, budget",
+    [(None, None), ({}, None), ({"other": 3}, None), ({"kv_budget": 0.1}, 0.1), ({"kv_budget": 1}, 1.0)],
+)
+def test_request_budget(extra_args, budget):
+    assert request_budget(extra_args, SERVER) == budget
+
+
+@pytest.mark.parametrize(
+    "extra_args, config, message",
+    [
+        ({"kv_budget": 0}, SERVER, r"kv_budget must be a number in \(0, 1\], got 0"),
+        ({"kv_budget": 1.5}, SERVER, r"kv_budget must be a number in \(0, 1\], got 1.5"),
+        ({"kv_budget": "0.5"}, SERVER, r"got '0.5'"),
+        ({"kv_budget": True}, SERVER, r"got True"),
+        ({"kv_budget": float("inf")}, SERVER, r"got inf"),
+        ({"kv_budgte": 0.5}, SERVER, "unknown per-request PrefixKV option 'kv_budgte'; supported: kv_budget"),
+        ({"kv_budget": 0.5}, PrefixKVConfig(), "kv_budget needs a server started with --kv-policy"),
+    ],
+)
+def test_bad_request_options(extra_args, config, message):
+    with pytest.raises(ValueError, match=message):
+        request_budget(extra_args, config)
+
+
+def test_scheduler_budgets_track_admitted_requests():
+    budgets = SchedulerBudgets()
+    budgets.admit("a", 0.5)
+    budgets.admit("b", None)  # the server's budget: nothing to remember
+    assert (budgets.get("a"), budgets.get("b"), len(budgets)) == (0.5, None, 1)
+    budgets.release("a")
+    assert budgets.get("a") is None and len(budgets) == 0

@@ -18,9 +18,10 @@ from prefixkv_vllm.vllm_adapter.worker_state import SCORES, BatchInfo  # noqa: E
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 16
 
 
-def spec(ratio, sink=1, recent=1):
+def spec(ratio, sink=1, recent=1, budget=None):
     return PrefixKVAttentionSpec(
-        block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=sink, recent=recent
+        block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=sink, recent=recent,
+        budget=ratio if budget is None else budget,
     )
 
 
@@ -80,6 +81,25 @@ class TestPlan:
         assert plan.max_seq_len == expected.max_seq_len == 40
         assert torch.equal(plan.block_table, expected.block_table)
         assert plan.work.compact.rows == expected.work.compact.rows == [1]
+
+    def test_request_budgets_move_the_layer_ratio(self):
+        policy = build_policy("uniform", 0.25, scorer="mean")
+        prompts = np.array([64, 64, 64, 64])
+        budgets = np.array([np.nan, 1.0, 0.125, 0.625])
+        batch = BatchInfo(req_ids=["server", "whole", "eighth", "more"], prompt_lens=prompts, request_budgets=budgets)
+        plan = plan_step(spec(0.25, budget=0.25), policy, batch, *step_inputs([0] * 4, [64] * 4))
+        # 0.25 -> 2 of 8 blocks; 1.0 -> all 8, nothing to compact; 0.125 -> 1; 0.625 -> halfway to 1 -> 5.
+        assert plan.work.compact.rows == [0, 2, 3]
+        assert plan.work.compact.kept_blocks == [2, 1, 5]
+        plan = plan_step(spec(0.25, budget=0.25), policy, batch, *step_inputs([65] * 4, [1] * 4))
+        assert plan.seq_lens.tolist() == [66 - 6 * BLOCK, 66, 66 - 7 * BLOCK, 66 - 3 * BLOCK]
+
+    def test_request_budget_compresses_under_a_full_server_budget(self):
+        policy = build_policy("uniform", 1.0, scorer="mean")
+        batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 64]), request_budgets=np.array([np.nan, 0.25]))
+        plan = plan_step(spec(1.0), policy, batch, *step_inputs([0, 0], [64, 64]))
+        assert plan.work.compact.rows == [1] and plan.work.compact.kept_blocks == [2]
+        assert plan_step(spec(1.0), policy, BatchInfo(["a"], np.array([64])), *step_inputs([0], [64])) is None
 
     def test_nothing_to_do_returns_none(self):
         policy = build_policy("uniform", 0.25)

@@ -25,6 +25,7 @@ from prefixkv_vllm.policy import (
     search_prefix_config,
     select_tokens,
 )
+from prefixkv_vllm.policy.paged import request_keep_ratio
 from prefixkv_vllm.policy.profile import ModelIdentity
 
 
@@ -286,3 +287,15 @@ class TestProfile:
     def test_average_keep_ratios(self):
         ratios = average_keep_ratios([[50, 10], [30, 30]], [100, 100])
         assert all(math.isclose(a, b) for a, b in zip(ratios, (0.4, 0.2)))
+
+
+@pytest.mark.parametrize("request_budget", [0.05, 0.2, 0.35, 0.9, 1.0])
+def test_request_keep_ratio_moves_the_mean_and_keeps_the_order(request_budget):
+    layer_ratios = [0.78, 0.36, 0.05, 0.2, 0.11, 0.3]
+    server_budget = sum(layer_ratios) / len(layer_ratios)
+    moved = [request_keep_ratio(r, server_budget, request_budget) for r in layer_ratios]
+    assert sum(moved) / len(moved) == pytest.approx(request_budget)
+    assert all(0 < m <= 1 + 1e-12 for m in moved)
+    pairs = [(i, j) for i in range(6) for j in range(6) if layer_ratios[i] <= layer_ratios[j]]
+    assert all(moved[i] <= moved[j] + 1e-12 for i, j in pairs)  # the per-layer shape is kept
+    assert request_keep_ratio(0.3, server_budget, server_budget) == pytest.approx(0.3)

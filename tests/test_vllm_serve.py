@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import requests
 
 pytest.importorskip("vllm")
 
@@ -75,6 +76,33 @@ def test_budget_one_reproduces_stock_greedy_tokens(stock, budget_one):
     assert "prefix caching is off" in budget_one.log()
 
 
+def test_request_budget_one_reproduces_stock_on_a_compressing_server(stock, compressed):
+    differs_at_server_budget = 0
+    for prompt in CHAT_PROMPTS:
+        expected = [t["token"] for t in stock.chat(prompt, logprobs=True)["choices"][0]["logprobs"]["content"]]
+        whole = compressed.chat(prompt, logprobs=True, vllm_xargs={"kv_budget": 1.0})["choices"][0]
+        assert [t["token"] for t in whole["logprobs"]["content"]] == expected, prompt[:60]
+        default = compressed.chat(prompt, logprobs=True)["choices"][0]
+        differs_at_server_budget += [t["token"] for t in default["logprobs"]["content"]] != expected
+    assert differs_at_server_budget > 0  # the server's own budget does change answers
+
+
+@pytest.mark.parametrize(
+    "xargs, message",
+    [
+        ({"kv_budget": 1.5}, "kv_budget must be a number in (0, 1], got 1.5"),
+        ({"kv_budget": "half"}, "kv_budget must be a number in (0, 1], got 'half'"),
+        ({"kv_budgte": 0.5}, "unknown per-request PrefixKV option 'kv_budgte'"),
+    ],
+)
+def test_bad_request_budget_gets_400_and_the_server_keeps_serving(compressed, xargs, message):
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "vllm_xargs": xargs}
+    response = requests.post(f"{compressed.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+    assert "Paris" in compressed.chat("What is the capital of France?")["choices"][0]["message"]["content"]
+
+
 def test_start_up_log_reports_ratios_and_saving(compressed):
     log = compressed.log()
     assert "PrefixKV: policy=prefixkv budget=0.2" in log
@@ -111,6 +139,9 @@ def test_compressed_answers_stay_coherent(compressed):
     assert "Paris" in answer["choices"][0]["message"]["content"]
     short = compressed.chat("What is the capital of France?")  # shorter than one block: untouched
     assert "Paris" in short["choices"][0]["message"]["content"]
+    question = document(100) + "\nIgnore the list above. What is the capital of France?"
+    tighter = compressed.chat(question, vllm_xargs={"kv_budget": 0.05})  # a request's own, smaller budget
+    assert "Paris" in tighter["choices"][0]["message"]["content"]
 
 
 def test_mixed_load_with_preemption_completes_without_leaks(model, log_dir):

@@ -28,6 +28,18 @@ def kept_prompt_blocks(prompt_len: int, keep_ratio: float, block_size: int, sink
     return min(full_blocks, max(wanted, needed))
 
 
+def request_keep_ratio(layer_ratio: float, server_budget: float, request_budget: float) -> float:
+    """A layer's ratio for a request with its own budget: the layers' mean moves from one budget to the other.
+
+    Below the server's budget every layer shrinks in proportion; above it every layer
+    moves the same fraction of the way to 1, so a request budget of 1 keeps every layer
+    whole. Either way the per-layer shape of the allocation is kept.
+    """
+    if request_budget <= server_budget:
+        return layer_ratio * request_budget / server_budget
+    return layer_ratio + (1.0 - layer_ratio) * (request_budget - server_budget) / (1.0 - server_budget)
+
+
 def evicted_tokens(prompt_len: int, keep_ratio: float, block_size: int, sink: int, recent: int) -> int:
     """Prompt tokens a layer drops: the freed gap, in tokens."""
     full_blocks = prompt_len // block_size

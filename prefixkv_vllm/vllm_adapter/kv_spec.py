@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from ..policy.paged import kept_prompt_blocks
+from ..policy.paged import kept_prompt_blocks, request_keep_ratio
+from .request_options import SCHEDULER_BUDGETS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,13 +24,18 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
     keep_ratio: float = 1.0
     sink: int = 1
     recent: int = 1
+    budget: float = 1.0  # the server's mean budget over layers, which per-request budgets rescale
 
     @property
-    def prefixkv_settings(self) -> tuple[float, int, int]:
-        return (self.keep_ratio, self.sink, self.recent)
+    def prefixkv_settings(self) -> tuple[float, int, int, float]:
+        return (self.keep_ratio, self.sink, self.recent, self.budget)
 
-    def kept_blocks(self, prompt_len: int) -> int:
-        return kept_prompt_blocks(prompt_len, self.keep_ratio, self.block_size, self.sink, self.recent)
+    def kept_blocks(self, prompt_len: int, request_budget: float | None = None) -> int:
+        """Kept prompt blocks, at the server's budget or at a request's own."""
+        ratio = self.keep_ratio
+        if request_budget is not None:
+            ratio = request_keep_ratio(ratio, self.budget, request_budget)
+        return kept_prompt_blocks(prompt_len, ratio, self.block_size, self.sink, self.recent)
 
     @classmethod
     def merge(cls, specs: list["PrefixKVAttentionSpec"]) -> "PrefixKVAttentionSpec":
@@ -38,9 +44,9 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         if len(settings) != 1:
             # vLLM's grouping probes merge() and reads an AssertionError as "not uniform".
             raise AssertionError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
-        keep_ratio, sink, recent = settings.pop()
+        keep_ratio, sink, recent, budget = settings.pop()
         merged = super().merge(specs)
-        return dataclasses.replace(merged, keep_ratio=keep_ratio, sink=sink, recent=recent)
+        return dataclasses.replace(merged, keep_ratio=keep_ratio, sink=sink, recent=recent, budget=budget)
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         # The default isinstance check would fold every tier back into one group.
@@ -59,4 +65,5 @@ class PrefixKVAttentionManager(FullAttentionManager):
         spec: PrefixKVAttentionSpec = self.kv_cache_spec
         full_blocks = num_prompt_tokens // self.block_size
         # Walks backwards and stops at the first freed block, so repeats are no-ops.
-        self._remove_blocks_in_range(request_id, spec.kept_blocks(num_prompt_tokens), full_blocks)
+        kept = spec.kept_blocks(num_prompt_tokens, SCHEDULER_BUDGETS.get(request_id))
+        self._remove_blocks_in_range(request_id, kept, full_blocks)

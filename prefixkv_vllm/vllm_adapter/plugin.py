@@ -10,7 +10,9 @@ engine core and each worker. It must stay idempotent and cheap. It
 * overrides the CPU attention backend, which does nothing new unless a policy
   is active;
 * wraps two model-runner methods: per-layer specs, and publishing prompt
-  lengths to the attention-metadata builders.
+  lengths (and per-request budgets) to the attention-metadata builders;
+* validates per-request options (``vllm_xargs``) where vLLM validates sampling
+  parameters, and tracks each request's budget in the scheduler.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def register() -> None:
     _register_kv_spec()
     _register_attention_backends()
     _wrap_model_runner()
+    _handle_request_options()
 
 
 # --- CLI ---------------------------------------------------------------------
@@ -149,39 +152,91 @@ def _register_attention_backends() -> None:
 def _wrap_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    import numpy as np
+
+    from .request_options import budget_of
     from .startup import layer_specs
     from .worker_state import SCORES, BatchInfo, publish_batch
 
     original_specs = GPUModelRunner.get_kv_cache_spec
     original_build = GPUModelRunner._build_attention_metadata
 
-    def runner_config(runner) -> PrefixKVConfig:
-        config = runner.__dict__.get("_prefixkv_config")
-        if config is None:
-            config = runner._prefixkv_config = PrefixKVConfig.from_additional_config(
-                runner.vllm_config.additional_config
-            )
-        return config
-
     @functools.wraps(original_specs)
     def get_kv_cache_spec(self):
         specs = original_specs(self)
-        config = runner_config(self)
+        config = _config_of(self)
         return layer_specs(specs, config) if config.active else specs
 
     @functools.wraps(original_build)
     def _build_attention_metadata(self, *args, **kwargs):
-        if not runner_config(self).active:
+        config = _config_of(self)
+        if not config.active:
             return original_build(self, *args, **kwargs)
         batch = self.input_batch
         num_reqs = batch.num_reqs
         SCORES.retain(batch.req_id_to_index)
-        info = BatchInfo(req_ids=list(batch.req_ids[:num_reqs]), prompt_lens=batch.num_prompt_tokens[:num_reqs].copy())
+        req_ids = list(batch.req_ids[:num_reqs])
+        budgets = [budget_of(self.requests[r].sampling_params, config) for r in req_ids]
+        info = BatchInfo(
+            req_ids=req_ids,
+            prompt_lens=batch.num_prompt_tokens[:num_reqs].copy(),
+            request_budgets=np.array([np.nan if b is None else b for b in budgets]),
+        )
         with publish_batch(info):
             return original_build(self, *args, **kwargs)
 
     GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
+
+
+# --- per-request options ---------------------------------------------------------
+
+
+def _config_of(owner) -> PrefixKVConfig:
+    """The settings of a vLLM object with a ``vllm_config``, parsed once per object."""
+    config = owner.__dict__.get("_prefixkv_config")
+    if config is None:
+        config = owner._prefixkv_config = PrefixKVConfig.from_additional_config(owner.vllm_config.additional_config)
+    return config
+
+
+def _handle_request_options() -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from .request_options import SCHEDULER_BUDGETS, budget_of
+
+    original_validate = InputProcessor._validate_params
+    original_add = Scheduler.add_request
+    original_free = Scheduler._free_request
+
+    @functools.wraps(original_validate)
+    def _validate_params(self, params, *args, **kwargs):
+        result = original_validate(self, params, *args, **kwargs)
+        if isinstance(params, SamplingParams) and params.extra_args:
+            try:
+                budget_of(params, _config_of(self))
+            except ValueError as exc:  # vLLM answers VLLMValidationError with HTTP 400
+                raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
+        return result
+
+    @functools.wraps(original_add)
+    def add_request(self, request):
+        config = _config_of(self)
+        if config.active and request.sampling_params is not None:
+            SCHEDULER_BUDGETS.admit(request.request_id, budget_of(request.sampling_params, config))
+        return original_add(self, request)
+
+    @functools.wraps(original_free)
+    def _free_request(self, request, *args, **kwargs):
+        SCHEDULER_BUDGETS.release(request.request_id)
+        return original_free(self, request, *args, **kwargs)
+
+    InputProcessor._validate_params = _validate_params
+    Scheduler.add_request = add_request
+    Scheduler._free_request = _free_request
 
 
 __all__ = ["register", "PrefixKVConfigError"]

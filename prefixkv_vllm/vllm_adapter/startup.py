@@ -110,7 +110,9 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig) -> dict[s
     converted = {}
     for name, ratio in zip(names, ratios):
         fields = {f.name: getattr(specs[name], f.name) for f in dataclasses.fields(FullAttentionSpec) if f.init}
-        converted[name] = PrefixKVAttentionSpec(**fields, keep_ratio=ratio, sink=config.sink, recent=config.recent)
+        converted[name] = PrefixKVAttentionSpec(
+            **fields, keep_ratio=ratio, sink=config.sink, recent=config.recent, budget=config.budget
+        )
     return converted
 
 

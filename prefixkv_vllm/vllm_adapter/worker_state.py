@@ -27,6 +27,7 @@ class BatchInfo:
 
     req_ids: list[str]
     prompt_lens: np.ndarray  # int64 [num_reqs]
+    request_budgets: np.ndarray | None = None  # float [num_reqs]: a request's own kv_budget, NaN for the server's
 
 
 _local = threading.local()

@@ -90,10 +90,15 @@ def plan_step(
     are read from the device, a synchronisation on GPUs.
     """
     num_reqs = seq_lens.shape[0]
-    if batch is None or spec.keep_ratio >= 1.0 or num_reqs == 0:
+    if batch is None or num_reqs == 0:
+        return None
+    known = min(num_reqs, len(batch.req_ids))
+    request_budgets = np.full(num_reqs, np.nan)
+    if batch.request_budgets is not None:
+        request_budgets[:known] = batch.request_budgets[:known]
+    if spec.keep_ratio >= 1.0 and not (request_budgets < 1.0).any():
         return None
     block_size = spec.block_size
-    known = min(num_reqs, len(batch.req_ids))
     prompt_lens = np.full(num_reqs, np.iinfo(np.int64).max, dtype=np.int64)  # rows without a request (dummy runs)
     prompt_lens[:known] = batch.prompt_lens[:known]
     if seq_lens_cpu is None:
@@ -104,7 +109,13 @@ def plan_step(
     computed_before = seq_lens_cpu - query_lens
 
     full_blocks = np.where(prompt_lens < np.iinfo(np.int64).max, prompt_lens // block_size, 0)
-    kept = np.array([spec.kept_blocks(int(p)) if f else 0 for p, f in zip(prompt_lens, full_blocks)], dtype=np.int64)
+    kept = np.array(
+        [
+            spec.kept_blocks(int(p), None if np.isnan(budget) else float(budget)) if f else 0
+            for p, f, budget in zip(prompt_lens, full_blocks, request_budgets)
+        ],
+        dtype=np.int64,
+    )
     gap = np.where(computed_before >= prompt_lens, full_blocks - kept, 0)
 
     score_rows, compact_rows = [], []

@@ -1,0 +1,68 @@
+"""Per-request settings: ``{"vllm_xargs": {"kv_budget": 0.5}}`` in an OpenAI request, or
+``SamplingParams(extra_args={"kv_budget": 0.5})`` offline.
+
+A request's ``kv_budget`` moves the mean of its per-layer keep ratios from the
+server's ``--kv-budget`` to its own while keeping their per-layer shape
+(``policy.paged.request_keep_ratio``); ``kv_budget: 1`` keeps the request's whole
+prompt cache. Bad values are rejected where vLLM validates sampling parameters,
+which the OpenAI server answers with HTTP 400.
+
+The scheduler (which frees blocks) and the worker (which compacts) each read the
+budget from the request's own sampling parameters and agree through
+``kept_prompt_blocks``, like the server-wide settings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .config import PrefixKVConfig
+
+REQUEST_OPTIONS = ("kv_budget",)
+
+
+def request_budget(extra_args: dict[str, Any] | None, config: PrefixKVConfig) -> float | None:
+    """The request's own budget (``None``: the server's); ``ValueError`` for bad options."""
+    options = {key: value for key, value in (extra_args or {}).items() if key.startswith("kv_")}
+    unknown = sorted(set(options) - set(REQUEST_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown per-request PrefixKV option {unknown[0]!r}; supported: {', '.join(REQUEST_OPTIONS)}")
+    budget = options.get("kv_budget")
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or not 0 < budget <= 1:
+        raise ValueError(f"kv_budget must be a number in (0, 1], got {budget!r}")
+    if not config.active:
+        raise ValueError("kv_budget needs a server started with --kv-policy")
+    return float(budget)
+
+
+def budget_of(sampling_params, config: PrefixKVConfig) -> float | None:
+    """``request_budget`` of a request's sampling parameters (``None`` for pooling requests)."""
+    return request_budget(getattr(sampling_params, "extra_args", None), config)
+
+
+class SchedulerBudgets:
+    """Scheduler-process view: request id -> own budget, from admission until the request is freed."""
+
+    def __init__(self) -> None:
+        self._budgets: dict[str, float] = {}
+
+    def admit(self, request_id: str, budget: float | None) -> None:
+        if budget is None:
+            self._budgets.pop(request_id, None)
+        else:
+            self._budgets[request_id] = budget
+
+    def release(self, request_id: str) -> None:
+        self._budgets.pop(request_id, None)
+
+    def get(self, request_id: str) -> float | None:
+        return self._budgets.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._budgets)
+
+
+SCHEDULER_BUDGETS = SchedulerBudgets()
