@@ -150,9 +150,8 @@ def _register_attention_backends() -> None:
 
 
 def _wrap_model_runner() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
     import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from .request_options import budget_of
     from .startup import layer_specs
