@@ -70,7 +70,9 @@ def cache_views(layout, storage, block_size, head_dim):
 
 def bits(tensor):
     """Raw bytes, for exact comparisons that also hold for NaN and fp8 payloads."""
-    return tensor.contiguous().view(torch.uint8)
+    # Not .contiguous(): it keeps a size-1 last dim's stride, which view() refuses.
+    dense = torch.empty_like(tensor, memory_format=torch.contiguous_format).copy_(tensor)
+    return dense.view(torch.uint8)
 
 
 def make_block_table(lengths, block_size, gen, spare_blocks=3, extra_columns=1):
