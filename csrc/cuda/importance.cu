@@ -167,15 +167,10 @@ __global__ void __launch_bounds__(kScoreThreads)
 
   const int g = blockIdx.y;
   const int b = blockIdx.z;
-  const int q_begin = p.query_start_loc[b];
-  const int q_len = p.query_start_loc[b + 1] - q_begin;
-  if (q_len <= 0) return;
-  const int seq_len = p.seq_lens[b];
-  // Keys at j >= max_keys cannot be stored; they still count in lse.
-  const int num_keys = static_cast<int>(min(static_cast<int64_t>(seq_len), p.max_keys));
-  const int first_pos = seq_len - q_len;  // absolute position of query 0
-  const int min_pos = p.min_query_pos[b];
-  const int group = static_cast<int>(p.num_q_heads / p.num_kv_heads);
+  const ScoredSequence seq = scored_sequence(p, b);
+  if (seq.q_len <= 0) return;
+  const int q_begin = seq.q_begin, q_len = seq.q_len, num_keys = seq.num_keys;
+  const int first_pos = seq.first_pos, min_pos = seq.min_pos, group = seq.group;
   const float scale = p.scale;
 
   const QT* query = static_cast<const QT*>(p.query);

@@ -20,6 +20,28 @@ __device__ __forceinline__ const KT* key_row(const ImportanceParams& p, const KT
          static_cast<int64_t>(g) * p.k_stride_head;
 }
 
+// What the score kernels need to know about sequence b (grid index z).
+struct ScoredSequence {
+  int q_begin;    // first query row of the sequence in the packed query tensor
+  int q_len;      // queries of this chunk
+  int num_keys;   // keys that get scores: min(seq_len, max_keys); later keys still count in lse
+  int first_pos;  // absolute position of query 0
+  int min_pos;    // queries before this position are not scored (observation window)
+  int group;      // query heads per KV head
+};
+
+__device__ __forceinline__ ScoredSequence scored_sequence(const ImportanceParams& p, int b) {
+  ScoredSequence s;
+  s.q_begin = p.query_start_loc[b];
+  s.q_len = p.query_start_loc[b + 1] - s.q_begin;
+  const int seq_len = p.seq_lens[b];
+  s.num_keys = static_cast<int>(min(static_cast<int64_t>(seq_len), p.max_keys));
+  s.first_pos = seq_len - s.q_len;
+  s.min_pos = p.min_query_pos[b];
+  s.group = static_cast<int>(p.num_q_heads / p.num_kv_heads);
+  return s;
+}
+
 // Query tiles of kTile rows are aligned to sequences: sequence b owns the tile
 // indices [A(b), A(b + 1)) with A(b) = query_start_loc[b] / kTile + b. A is
 // strictly increasing and A(b + 1) - A(b) = floor((query_start_loc[b] % kTile
