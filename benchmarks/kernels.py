@@ -80,22 +80,29 @@ def device_peaks(device: torch.device) -> tuple[str, float | None, float | None]
     return name, None, None
 
 
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
+def timed(fn, device: torch.device, repeats: int, reset=None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call.
+
+    ``reset()`` runs untimed before every call (compaction is not idempotent).
+    """
     samples = []
-    for _ in range(repeats):
+    for index in range(repeats + 1):
+        if reset is not None:
+            reset()
         if device.type == "cuda":
+            torch.cuda.synchronize(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3)
+            elapsed = start.elapsed_time(end) / 1e3
         else:
             begun = time.perf_counter()
             fn()
-            samples.append(time.perf_counter() - begun)
+            elapsed = time.perf_counter() - begun
+        if index:  # the first call is the warm-up
+            samples.append(elapsed)
     return statistics.median(samples)
 
 
@@ -166,7 +173,8 @@ def bench_one(shape: ModelShape, seq_len: int, dtype, device, repeats: int, refe
     def compact():
         ops.compact(key_cache, value_cache, block_table, keep_indices, num_kept)
 
-    row["compact_s"] = _timed_with_reset(compact, pages, pristine, device, repeats)
+    restore = lambda: pages.copy_(pristine)  # noqa: E731
+    row["compact_s"] = timed(compact, device, repeats, reset=restore)
     row["compact_gbs"] = row["compact_bytes"] / row["compact_s"] / 1e9
 
     if seq_len <= reference_limit:
@@ -175,12 +183,11 @@ def bench_one(shape: ModelShape, seq_len: int, dtype, device, repeats: int, refe
             device,
             max(1, repeats // 5),
         )
-        row["reference_compact_s"] = _timed_with_reset(
+        row["reference_compact_s"] = timed(
             lambda: reference.compact(key_cache, value_cache, block_table, keep_indices, num_kept),
-            pages,
-            pristine,
             device,
             max(1, repeats // 5),
+            reset=restore,
         )
     return row
 
@@ -196,28 +203,6 @@ def blockwise_lse(query, key_cache, block_table, seq_len, scale, shape):
         future = torch.arange(end, device=query.device)[None, :] > torch.arange(begin, end, device=query.device)[:, None]
         lse[:, begin:end] = logits.masked_fill(future, float("-inf")).logsumexp(-1)
     return lse
-
-
-def _timed_with_reset(fn, pages, pristine, device, repeats):
-    """Like ``timed``, restoring the cache before each call (compaction is not idempotent)."""
-    samples = []
-    for index in range(repeats + 1):
-        pages.copy_(pristine)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            begun = time.perf_counter()
-            fn()
-            elapsed = time.perf_counter() - begun
-        if index:  # the first call is the warm-up
-            samples.append(elapsed)
-    return statistics.median(samples)
 
 
 def markdown(rows: list[dict], device_name: str, peak_tflops, peak_gbs, command: str, dtype) -> str:

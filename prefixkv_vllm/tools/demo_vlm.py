@@ -15,20 +15,16 @@ Command line: ``prefixkv demo-vlm [--text tiny]`` prints the path (built on firs
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .demo_model import default_cache_dir, demo_model_path
+from .demo_model import cached_build, default_cache_dir, demo_model_path
 
 IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 256, 16, 2
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2  # per image: 256 patches, pixel-shuffled by 2x2
 TEXT_MODELS = ("demo", "tiny")
 _SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
 _RECIPE_VERSION = 1
-_MARKER_NAME = "prefixkv_build.json"
 
 
 def demo_vlm_path(text: str = "demo", cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -36,30 +32,11 @@ def demo_vlm_path(text: str = "demo", cache_dir: str | os.PathLike[str] | None =
     if text not in TEXT_MODELS:
         raise ValueError(f"text must be one of {TEXT_MODELS}, got {text!r}")
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = cache / f"SmolVLM-demo-{text}"
-    if _is_complete(target):
-        return target
-    text_model = demo_model_path(cache)  # its tokenizer always, its weights for text="demo"
-    with tempfile.TemporaryDirectory(dir=cache, prefix=f".{target.name}.build-") as scratch:
-        staged = Path(scratch) / target.name
-        _build(staged, text_model, text)
-        (staged / _MARKER_NAME).write_text(json.dumps({"recipe": _RECIPE_VERSION, "text": text}) + "\n")
-        if target.exists() and not _is_complete(target):
-            shutil.rmtree(target)  # a damaged earlier build
-        try:
-            os.rename(staged, target)
-        except OSError:
-            if not _is_complete(target):  # unless a concurrent build finished first
-                raise
-    return target
 
+    def build(staged: Path, scratch: Path) -> None:
+        _build(staged, demo_model_path(cache), text)  # the demo's tokenizer always, its weights for text="demo"
 
-def _is_complete(checkpoint: Path) -> bool:
-    try:
-        marker = json.loads((checkpoint / _MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(marker, dict) and marker.get("recipe") == _RECIPE_VERSION
+    return cached_build(cache / f"SmolVLM-demo-{text}", _RECIPE_VERSION, build, {"text": text})
 
 
 def _build(dest: Path, text_model: Path, text: str) -> None:
