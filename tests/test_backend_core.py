@@ -13,15 +13,15 @@ from prefixkv_vllm.policy import build_policy  # noqa: E402
 from prefixkv_vllm.policy.paged import kept_prompt_blocks  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.core import after_attention, plan_step  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
-from prefixkv_vllm.vllm_adapter.worker_state import SCORES, BatchInfo  # noqa: E402
+from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E402
 
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 16
 
 
-def spec(ratio, sink=1, recent=1, budget=None):
+def spec(ratio, sink=1, recent=1, budget=None, decode="off", interval=16):
     return PrefixKVAttentionSpec(
         block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=sink, recent=recent,
-        budget=ratio if budget is None else budget,
+        budget=ratio if budget is None else budget, decode=decode, interval=interval,
     )
 
 
@@ -55,16 +55,17 @@ class TestPlan:
         batch = BatchInfo(req_ids=["a"], prompt_lens=np.array([prompt]))
         plan = plan_step(spec(0.25), policy, batch, *step_inputs([0], [prompt]))
         assert plan.work.score.rows == [0] and plan.work.compact.rows == [0]
-        assert plan.work.compact.kept_blocks == [2]
+        # The 2 kept blocks' worth of tokens go to blocks 6-7, so the freed blocks are a prefix.
+        assert (plan.work.compact.start_after, plan.work.compact.end_after) == ([6], [8])
         assert torch.equal(plan.seq_lens, torch.tensor([prompt], dtype=torch.int32))  # prefill reads everything
 
         qsl, seq_lens, table = step_inputs([prompt + 3], [1])
         plan = plan_step(spec(0.25), policy, batch, qsl, seq_lens, table)
         assert plan.work is None  # decode: only the metadata changes
-        gap = 8 - 2
-        assert plan.seq_lens.tolist() == [prompt + 4 - gap * BLOCK]
-        assert plan.block_table[0, :4].tolist() == [0, 1, 8, 9]  # kept blocks, then the tail
-        assert plan.max_seq_len == prompt + 4 - gap * BLOCK
+        freed = 8 - 2
+        assert plan.seq_lens.tolist() == [prompt + 4 - freed * BLOCK]
+        assert plan.block_table[0, :4].tolist() == [6, 7, 8, 9]  # the live run: kept blocks, then the tail
+        assert plan.max_seq_len == prompt + 4 - freed * BLOCK
 
     def test_host_lengths_avoid_reading_the_device(self):
         class DeviceOnly(torch.Tensor):
@@ -90,7 +91,7 @@ class TestPlan:
         plan = plan_step(spec(0.25, budget=0.25), policy, batch, *step_inputs([0] * 4, [64] * 4))
         # 0.25 -> 2 of 8 blocks; 1.0 -> all 8, nothing to compact; 0.125 -> 1; 0.625 -> halfway to 1 -> 5.
         assert plan.work.compact.rows == [0, 2, 3]
-        assert plan.work.compact.kept_blocks == [2, 1, 5]
+        assert plan.work.compact.start_after == [8 - 2, 8 - 1, 8 - 5]
         plan = plan_step(spec(0.25, budget=0.25), policy, batch, *step_inputs([65] * 4, [1] * 4))
         assert plan.seq_lens.tolist() == [66 - 6 * BLOCK, 66, 66 - 7 * BLOCK, 66 - 3 * BLOCK]
 
@@ -98,7 +99,7 @@ class TestPlan:
         policy = build_policy("uniform", 1.0, scorer="mean")
         batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 64]), request_budgets=np.array([np.nan, 0.25]))
         plan = plan_step(spec(1.0), policy, batch, *step_inputs([0, 0], [64, 64]))
-        assert plan.work.compact.rows == [1] and plan.work.compact.kept_blocks == [2]
+        assert plan.work.compact.rows == [1] and plan.work.compact.start_after == [8 - 2]
         assert plan_step(spec(1.0), policy, BatchInfo(["a"], np.array([64])), *step_inputs([0], [64])) is None
 
     def test_nothing_to_do_returns_none(self):
@@ -141,7 +142,7 @@ def _run_prompt(chunks, scorer, per_kv_head=False, seed=0):
         if plan is not None and plan.work is not None:
             after_attention(plan.work, "layer", query_all[computed : computed + chunk], keys, values, DIM**-0.5)
         computed += chunk
-    assert len(SCORES) == 0  # compaction consumed the scores
+    assert STORE.take_scores("r", "layer", prompt) is None  # compaction consumed the scores
     return cache
 
 
@@ -150,9 +151,8 @@ def _run_prompt(chunks, scorer, per_kv_head=False, seed=0):
 def test_chunked_prefill_compacts_like_one_shot(scorer, per_kv_head):
     one_shot = _run_prompt([61], scorer, per_kv_head)
     chunked = _run_prompt([16, 24, 21], scorer, per_kv_head)
-    kept_tokens = kept_prompt_blocks(61, 0.3, BLOCK, 2, 3) * BLOCK
-    torch.testing.assert_close(chunked[:, :2], one_shot[:, :2])  # the compacted blocks
-    assert kept_tokens == 16
+    assert kept_prompt_blocks(61, 0.3, BLOCK, 2, 3) == 2
+    torch.testing.assert_close(chunked[:, 5:7], one_shot[:, 5:7])  # the compacted blocks, before the tail block
 
 
 def test_compaction_keeps_the_top_scored_tokens():
@@ -172,6 +172,9 @@ def test_compaction_keeps_the_top_scored_tokens():
     ranked = policy.scorer.scores(scores[0], prompt)[0, :body].clone()
     ranked[:2] = float("inf")
     expected = ranked.argsort(descending=True, stable=True)[:16].sort().values
-    kept = original[0].reshape(-1, HKV, DIM)[expected]
-    assert torch.equal(cache[0].reshape(-1, HKV, DIM)[:16], kept)
+    # Written into blocks 5-6 (slots 40-55): tokens already there first, then the moved ones.
+    order = torch.cat([expected[expected >= 40], expected[expected < 40]])
+    kept = original[0].reshape(-1, HKV, DIM)[order]
+    assert torch.equal(cache[0].reshape(-1, HKV, DIM)[40:56], kept)
+    assert torch.equal(STORE.positions("r", "layer")[0], order)
     assert torch.equal(cache[0, 7], original[0, 7])  # the tail block is untouched

@@ -1,34 +1,147 @@
-"""How a kept ratio maps onto whole paged-cache blocks.
+"""Which paged-cache blocks each layer keeps, and when: the one contract the scheduler and the worker share.
 
-The scheduler (which frees blocks) and the worker (which compacts and reads
-them) never talk to each other about a request: both call ``kept_prompt_blocks``
-with the same prompt length and layer settings, so they agree by construction.
+The scheduler (which frees blocks) and the worker (which compacts and reads them)
+never talk about a request. Both call the functions here with the same prompt
+length ``P``, processed-token count ``c``, layer ratio and ``PagedLayout``, so
+they agree by construction.
 
-A layer's blocks after compaction hold, in order: ``kept`` whole blocks of
-selected prompt tokens; a freed gap up to ``prompt_len // block_size``; then the
-block holding the prompt's last ``prompt_len % block_size`` tokens (the "tail",
-kept in place as a small recent window) followed by the generated tokens.
+Invariants this relies on (vLLM 0.32, V1 engine):
+
+1. vLLM writes token ``pos`` to logical block ``pos // block_size`` of the
+   request's row and never refills a freed position; the worker's block table
+   is append-only.
+2. The scheduler frees on the *processed* token count, which never runs ahead of
+   the worker's ``computed_before`` of the step that reads the blocks. So a block
+   is freed only after the step that stopped reading it (and moved its kept
+   tokens elsewhere) has run.
+3. A layer's live blocks are always **one run** ``[live_start(c), ceil(c / bs))``:
+   everything freed is a prefix of the row, as for vLLM's sliding window.
+   ``live_start`` never decreases as ``c`` grows (tested).
+4. Inside the run, the first ``compressed_end - live_start`` blocks are completely
+   filled with kept tokens in any order (decode queries attend to every cached
+   key, so order does not matter; kept keys carry their true RoPE positions);
+   the blocks from ``compressed_end`` on hold the most recent tokens in place.
+
+How the run moves:
+
+* **Prompt** (``c < P``): nothing is freed.
+* **Prompt compacted** (``c >= P``): the ``kept_prompt_blocks`` best prompt blocks'
+  worth of tokens are moved into the *last* kept blocks before the block holding
+  the prompt's tail, so the freed blocks are a prefix. The tail block stays.
+* **Decode rounds** (``decode != "off"``): every ``interval`` generated tokens
+  (round ``k`` at ``c_k = P + k * interval``), the tokens before the last
+  ``recent`` are re-selected down to ``round(ratio * c_k)`` tokens (never fewer
+  than the compressed prompt) and moved into the last blocks of that region; the
+  blocks before them are freed. So a layer holds about ``ratio`` of all tokens
+  seen plus a bounded overhead: the last ``recent`` tokens, the block being
+  written, and up to ``interval`` tokens generated since the last round.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
+import numpy as np
+
+DECODE_MODES = ("off", "fifo", "scored")
 
 
-def kept_prompt_blocks(prompt_len: int, keep_ratio: float, block_size: int, sink: int, recent: int) -> int:
-    """Whole prompt blocks a layer keeps (the rest of ``prompt_len // block_size`` is freed)."""
+@dataclass(frozen=True)
+class PagedLayout:
+    """The settings that fix a layer's block layout, besides its ratio."""
+
+    block_size: int
+    sink: int = 1
+    recent: int = 1
+    decode: str = "off"
+    interval: int = 128  # generated tokens between decode rounds, a multiple of block_size
+
+    def __post_init__(self):
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
+        if self.interval <= 0 or self.interval % self.block_size:
+            raise ValueError(f"decode interval {self.interval} must be a positive multiple of the block size {self.block_size}")
+
+
+def kept_prompt_blocks(prompt_len, keep_ratio, block_size: int, sink: int, recent: int):
+    """Whole prompt blocks a layer keeps (the rest of ``prompt_len // block_size`` is freed).
+
+    Works on scalars and on numpy arrays (broadcast).
+    """
+    prompt_len = np.asarray(prompt_len, dtype=np.int64)
+    keep_ratio = np.asarray(keep_ratio, dtype=np.float64)
     full_blocks = prompt_len // block_size
-    if keep_ratio >= 1.0 or full_blocks == 0:
-        return full_blocks
     tail = prompt_len - full_blocks * block_size
-    wanted = round((keep_ratio * prompt_len - tail) / block_size)
+    wanted = np.round((keep_ratio * prompt_len - tail) / block_size).astype(np.int64)
     # Protected tokens outside the tail must fit in the kept blocks.
-    protected_in_body = min(sink, full_blocks * block_size) + max(0, recent - tail)
-    needed = math.ceil(protected_in_body / block_size)
-    return min(full_blocks, max(wanted, needed))
+    protected_in_body = np.minimum(sink, full_blocks * block_size) + np.maximum(0, recent - tail)
+    needed = -(-protected_in_body // block_size)
+    kept = np.minimum(full_blocks, np.maximum(wanted, needed))
+    kept = np.where((keep_ratio >= 1.0) | (full_blocks == 0), full_blocks, kept)
+    return kept if kept.ndim else int(kept)
 
 
-def request_keep_ratio(layer_ratio: float, server_budget: float, request_budget: float) -> float:
+def live_blocks(prompt_len, computed, keep_ratio, layout: PagedLayout):
+    """``(live_start, compressed_end)`` of a layer once ``computed`` tokens are in its cache.
+
+    Blocks before ``live_start`` are freed; ``[live_start, compressed_end)`` hold
+    compacted kept tokens; blocks from ``compressed_end`` on hold recent tokens in
+    place. Scalars or numpy arrays (broadcast).
+    """
+    bs = layout.block_size
+    prompt_len = np.asarray(prompt_len, dtype=np.int64)
+    computed = np.asarray(computed, dtype=np.int64)
+    keep_ratio = np.asarray(keep_ratio, dtype=np.float64)
+    full = prompt_len // bs
+    kept = np.asarray(kept_prompt_blocks(prompt_len, keep_ratio, bs, layout.sink, layout.recent))
+    prompt_start = full - kept
+    start, end = np.where(computed >= prompt_len, prompt_start, 0), np.where(computed >= prompt_len, full, 0)
+    if layout.decode != "off":
+        rounds = np.maximum(computed - prompt_len, 0) // layout.interval
+        at_round = prompt_len + rounds * layout.interval
+        round_end = (at_round - layout.recent) // bs
+        tail_blocks = -(-(prompt_len - full * bs) // bs)
+        kept_at_round = np.maximum(kept + tail_blocks, np.round(keep_ratio * at_round / bs).astype(np.int64))
+        round_start = round_end - kept_at_round
+        # A round frees blocks only when it moves the run forward; otherwise the
+        # previous layout stands (invariant 3: the start never goes back).
+        moves = (rounds > 0) & (round_start > prompt_start)
+        start = np.where(moves, round_start, start)
+        end = np.where(moves, round_end, end)
+    if start.ndim == 0:
+        return int(start), int(end)
+    return start, end
+
+
+def next_round(prompt_len: int, computed: int, layout: PagedLayout) -> int | None:
+    """The processed-token count at which the next decode round after ``computed`` happens."""
+    if layout.decode == "off" or computed < prompt_len:
+        return None
+    return prompt_len + ((computed - prompt_len) // layout.interval + 1) * layout.interval
+
+
+def peak_live_blocks(prompt_len: int, final_len: int, keep_ratios: np.ndarray, layout: PagedLayout) -> int:
+    """Most blocks a request holds at once over all layers, from admission until ``final_len`` tokens.
+
+    The prompt's peak is every layer holding the whole prompt; after it, the peak
+    of each round interval is just before its next round (and before the
+    scheduler frees on the step after, one more block per layer).
+    """
+    bs = layout.block_size
+    ratios = np.asarray(keep_ratios, dtype=np.float64)[:, None]
+    prefill_peak = len(ratios) * -(-prompt_len // bs)
+    if final_len <= prompt_len:
+        return prefill_peak
+    step = layout.interval if layout.decode != "off" else final_len - prompt_len
+    points = np.arange(prompt_len, final_len, step, dtype=np.int64)[None, :]
+    reached = np.minimum(points + step, final_len)
+    start, _ = live_blocks(prompt_len, points, ratios, layout)
+    held = (-(-reached // bs) + 1 - start).sum(axis=0)
+    return int(max(prefill_peak, held.max()))
+
+
+def request_keep_ratio(layer_ratio, server_budget: float, request_budget: float):
     """A layer's ratio for a request with its own budget: the layers' mean moves from one budget to the other.
 
     Below the server's budget every layer shrinks in proportion; above it every layer
@@ -41,6 +154,12 @@ def request_keep_ratio(layer_ratio: float, server_budget: float, request_budget:
 
 
 def evicted_tokens(prompt_len: int, keep_ratio: float, block_size: int, sink: int, recent: int) -> int:
-    """Prompt tokens a layer drops: the freed gap, in tokens."""
+    """Prompt tokens a layer drops: the freed blocks, in tokens."""
     full_blocks = prompt_len // block_size
     return (full_blocks - kept_prompt_blocks(prompt_len, keep_ratio, block_size, sink, recent)) * block_size
+
+
+def mean_live_tokens(prompt_len: int, computed: int, keep_ratios, layout: PagedLayout) -> float:
+    """Mean tokens' worth of blocks a layer holds after ``computed`` tokens (the block arithmetic of benchmarks)."""
+    start, _ = live_blocks(prompt_len, computed, np.asarray(keep_ratios, dtype=np.float64), layout)
+    return float(np.mean(math.ceil(computed / layout.block_size) - np.asarray(start))) * layout.block_size

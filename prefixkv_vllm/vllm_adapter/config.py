@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..policy import POLICY_NAMES, SCORERS
+from ..policy.paged import DECODE_MODES
 
 
 class PrefixKVConfigError(ValueError):
@@ -31,6 +32,14 @@ class PrefixKVConfig:
     # scorer/allocation pair tried; the paper protects only the last token.
     recent: int = 64
     per_kv_head: bool = False
+    # Decode-time eviction (policy.paged): "fifo" keeps the compressed prompt and the
+    # newest generated tokens, "scored" re-selects prompt and output by the attention of
+    # the last `window` decode queries, "off" keeps every generated token.
+    decode: str = "fifo"
+    decode_interval: int = 128  # generated tokens between decode rounds (a multiple of the block size)
+    # "reserve": admit a request only if its peak and the running requests' growth fit
+    # (vllm_adapter.admission); "stock": vLLM's rule (admit if the prompt fits).
+    admission: str = "reserve"
     tiers: int = 0  # KV-cache groups for the per-layer ratios; 0 = one per layer
     profile: str | None = None
     # Per-layer keep ratios, resolved once at start-up (profile or calibration).
@@ -43,10 +52,19 @@ class PrefixKVConfig:
             raise PrefixKVConfigError(f"--kv-budget must be in (0, 1], got {self.budget!r}")
         if self.scorer not in SCORERS:
             raise PrefixKVConfigError(f"unknown --kv-scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
-        for name, minimum in (("window", 1), ("sink", 0), ("recent", 1), ("tiers", 0)):
+        if self.admission not in ("reserve", "stock"):
+            raise PrefixKVConfigError(f"unknown --kv-admission {self.admission!r}; choose reserve or stock")
+        if self.decode not in DECODE_MODES:
+            raise PrefixKVConfigError(f"unknown --kv-decode {self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
+        for name, minimum in (("window", 1), ("sink", 0), ("recent", 1), ("tiers", 0), ("decode_interval", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise PrefixKVConfigError(f"--kv-{name} must be an integer >= {minimum}, got {value!r}")
+                raise PrefixKVConfigError(f"--kv-{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if self.decode == "scored" and self.window > self.decode_interval:
+            raise PrefixKVConfigError(
+                f"--kv-window {self.window} must not exceed --kv-decode-interval {self.decode_interval} "
+                "(scored decoding reads the last window queries before each round)"
+            )
         if self.profile is not None and self.policy != "prefixkv":
             raise PrefixKVConfigError(f"--kv-profile sets per-layer ratios; --kv-policy {self.policy} does not use one")
 

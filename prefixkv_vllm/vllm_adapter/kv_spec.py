@@ -1,10 +1,10 @@
 """A KV-cache spec that carries a layer's keep ratio, and the manager that frees its blocks.
 
 Layers whose specs differ land in different KV-cache groups (vLLM's hybrid
-allocator), so each group can free its own share of every prompt. The manager
-runs in the scheduler process and frees, once a prompt has been processed, the
-blocks behind the layer's kept prefix; it learns nothing from the worker, both
-sides derive the same count from ``kept_prompt_blocks``.
+allocator), so each group can free its own share of every request. The manager
+runs in the scheduler process and frees the blocks before the layer's live run
+(``policy.paged.live_blocks``); it learns nothing from the worker, both sides
+derive the same layout from the same lengths.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from ..policy.paged import kept_prompt_blocks, request_keep_ratio
+from ..policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, request_keep_ratio
 from .request_options import SCHEDULER_BUDGETS
 
 
@@ -25,17 +25,26 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
     sink: int = 1
     recent: int = 1
     budget: float = 1.0  # the server's mean budget over layers, which per-request budgets rescale
+    decode: str = "off"  # decode-time eviction mode (policy.paged.DECODE_MODES)
+    interval: int = 128  # generated tokens between decode rounds
 
     @property
-    def prefixkv_settings(self) -> tuple[float, int, int, float]:
-        return (self.keep_ratio, self.sink, self.recent, self.budget)
+    def prefixkv_settings(self) -> tuple:
+        return (self.keep_ratio, self.sink, self.recent, self.budget, self.decode, self.interval)
+
+    @property
+    def layout(self) -> PagedLayout:
+        return PagedLayout(self.block_size, self.sink, self.recent, self.decode, self.interval)
+
+    def request_ratio(self, request_budget: float | None = None) -> float:
+        """The layer's keep ratio at the server's budget or at a request's own."""
+        if request_budget is None:
+            return self.keep_ratio
+        return request_keep_ratio(self.keep_ratio, self.budget, request_budget)
 
     def kept_blocks(self, prompt_len: int, request_budget: float | None = None) -> int:
         """Kept prompt blocks, at the server's budget or at a request's own."""
-        ratio = self.keep_ratio
-        if request_budget is not None:
-            ratio = request_keep_ratio(ratio, self.budget, request_budget)
-        return kept_prompt_blocks(prompt_len, ratio, self.block_size, self.sink, self.recent)
+        return kept_prompt_blocks(prompt_len, self.request_ratio(request_budget), self.block_size, self.sink, self.recent)
 
     @classmethod
     def merge(cls, specs: list["PrefixKVAttentionSpec"]) -> "PrefixKVAttentionSpec":
@@ -44,9 +53,11 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         if len(settings) != 1:
             # vLLM's grouping probes merge() and reads an AssertionError as "not uniform".
             raise AssertionError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
-        keep_ratio, sink, recent, budget = settings.pop()
+        keep_ratio, sink, recent, budget, decode, interval = settings.pop()
         merged = super().merge(specs)
-        return dataclasses.replace(merged, keep_ratio=keep_ratio, sink=sink, recent=recent, budget=budget)
+        return dataclasses.replace(
+            merged, keep_ratio=keep_ratio, sink=sink, recent=recent, budget=budget, decode=decode, interval=interval
+        )
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         # The default isinstance check would fold every tier back into one group.
@@ -63,7 +74,7 @@ class PrefixKVAttentionManager(FullAttentionManager):
         if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
             return  # the worker compacts in the step that finishes the prompt
         spec: PrefixKVAttentionSpec = self.kv_cache_spec
-        full_blocks = num_prompt_tokens // self.block_size
+        ratio = spec.request_ratio(SCHEDULER_BUDGETS.get(request_id))
+        start, _ = live_blocks(num_prompt_tokens, processed_computed_tokens, ratio, spec.layout)
         # Walks backwards and stops at the first freed block, so repeats are no-ops.
-        kept = spec.kept_blocks(num_prompt_tokens, SCHEDULER_BUDGETS.get(request_id))
-        self._remove_blocks_in_range(request_id, kept, full_blocks)
+        self._remove_blocks_in_range(request_id, 0, start)

@@ -53,6 +53,7 @@ def _budget(text: str) -> float:
 
 def _add_flags(parser):
     from ..policy import POLICY_NAMES, SCORERS
+    from ..policy.paged import DECODE_MODES
 
     group = parser.add_argument_group("PrefixKV", "Per-layer KV-cache budgets after prefill (prefixkv-vllm)")
     group.add_argument("--kv-policy", choices=POLICY_NAMES, default=argparse.SUPPRESS, help="KV eviction policy (default: none, stock vLLM)")
@@ -63,11 +64,14 @@ def _add_flags(parser):
     group.add_argument("--kv-sink", type=int, default=argparse.SUPPRESS, help="first prompt tokens always kept (default 1)")
     group.add_argument("--kv-recent", type=int, default=argparse.SUPPRESS, help="last prompt tokens always kept (default 64)")
     group.add_argument("--kv-per-kv-head", action="store_true", default=argparse.SUPPRESS, help="select tokens per KV head instead of per layer")
+    group.add_argument("--kv-decode", choices=DECODE_MODES, default=argparse.SUPPRESS, help="eviction while decoding: fifo (default), scored, or off")
+    group.add_argument("--kv-decode-interval", type=int, default=argparse.SUPPRESS, help="generated tokens between decode-time eviction rounds, a multiple of the block size (default 128)")
+    group.add_argument("--kv-admission", choices=("reserve", "stock"), default=argparse.SUPPRESS, help="reserve: admit only requests whose peak KV fits beside the running ones' (default); stock: vLLM's rule")
     group.add_argument("--kv-tiers", type=int, default=argparse.SUPPRESS, help="KV-cache groups for the per-layer ratios (0: one per layer, the default)")
     return parser
 
 
-_FLAGS = ("kv_policy", "kv_budget", "kv_profile", "kv_scorer", "kv_window", "kv_sink", "kv_recent", "kv_per_kv_head", "kv_tiers")
+_FLAGS = ("kv_policy", "kv_budget", "kv_profile", "kv_scorer", "kv_window", "kv_sink", "kv_recent", "kv_per_kv_head", "kv_tiers", "kv_decode", "kv_decode_interval", "kv_admission")
 
 
 def _add_cli_flags() -> None:
@@ -155,7 +159,8 @@ def _wrap_model_runner() -> None:
 
     from .request_options import budget_of
     from .startup import layer_specs
-    from .worker_state import SCORES, BatchInfo, publish_batch
+    from .backends.core import publish_device_starts
+    from .worker_state import STORE, BatchInfo, publish_batch
 
     original_specs = GPUModelRunner.get_kv_cache_spec
     original_build = GPUModelRunner._build_attention_metadata
@@ -173,7 +178,7 @@ def _wrap_model_runner() -> None:
             return original_build(self, *args, **kwargs)
         batch = self.input_batch
         num_reqs = batch.num_reqs
-        SCORES.retain(batch.req_id_to_index)
+        STORE.retain(batch.req_id_to_index)
         req_ids = list(batch.req_ids[:num_reqs])
         budgets = [budget_of(self.requests[r].sampling_params, config) for r in req_ids]
         info = BatchInfo(
@@ -181,6 +186,8 @@ def _wrap_model_runner() -> None:
             prompt_lens=batch.num_prompt_tokens[:num_reqs].copy(),
             request_budgets=np.array([np.nan if b is None else b for b in budgets]),
         )
+        specs = [group.kv_cache_spec for group in self.kv_cache_config.kv_cache_groups]
+        info = publish_device_starts(info, specs, batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64), self.device)
         with publish_batch(info):
             return original_build(self, *args, **kwargs)
 
@@ -202,14 +209,19 @@ def _config_of(owner) -> PrefixKVConfig:
 def _handle_request_options() -> None:
     from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.core.sched.scheduler import Scheduler
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.request import RequestStatus
 
+    from .admission import Admission
     from .request_options import SCHEDULER_BUDGETS, budget_of
 
     original_validate = InputProcessor._validate_params
+    original_init = Scheduler.__init__
     original_add = Scheduler.add_request
     original_free = Scheduler._free_request
+    original_allocate = KVCacheManager.allocate_slots
 
     @functools.wraps(original_validate)
     def _validate_params(self, params, *args, **kwargs):
@@ -221,6 +233,22 @@ def _handle_request_options() -> None:
                 raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
         return result
 
+    @functools.wraps(original_init)
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        config = _config_of(self)
+        if config.active and config.admission == "reserve":
+            self.kv_cache_manager._prefixkv_admission = Admission(
+                self.kv_cache_config, self.running, self.vllm_config.model_config.max_model_len
+            )
+
+    @functools.wraps(original_allocate)
+    def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
+        admission = self.__dict__.get("_prefixkv_admission")
+        if admission is not None and request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + admission.reserved_for(request, num_new_tokens)
+        return original_allocate(self, request, num_new_tokens, *args, **kwargs)
+
     @functools.wraps(original_add)
     def add_request(self, request):
         config = _config_of(self)
@@ -231,9 +259,14 @@ def _handle_request_options() -> None:
     @functools.wraps(original_free)
     def _free_request(self, request, *args, **kwargs):
         SCHEDULER_BUDGETS.release(request.request_id)
+        admission = self.kv_cache_manager.__dict__.get("_prefixkv_admission")
+        if admission is not None:
+            admission.release(request.request_id)
         return original_free(self, request, *args, **kwargs)
 
     InputProcessor._validate_params = _validate_params
+    Scheduler.__init__ = __init__
+    KVCacheManager.allocate_slots = allocate_slots
     Scheduler.add_request = add_request
     Scheduler._free_request = _free_request
 

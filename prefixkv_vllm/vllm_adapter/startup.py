@@ -32,6 +32,11 @@ def configure_engine(vllm_config) -> None:
         config = config.with_keep_ratios(_keep_ratios(config, vllm_config, num_layers))
     elif len(config.keep_ratios) != num_layers:
         raise PrefixKVConfigError(f"kv_keep_ratios has {len(config.keep_ratios)} entries for {num_layers} layers")
+    block_size = vllm_config.cache_config.block_size
+    if config.decode != "off" and block_size and config.decode_interval % block_size:
+        raise PrefixKVConfigError(
+            f"--kv-decode-interval {config.decode_interval} must be a multiple of the block size {block_size}"
+        )
     if len(set(config.keep_ratios)) > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         raise PrefixKVConfigError("per-layer KV budgets need vLLM's hybrid KV-cache manager; drop --disable-hybrid-kv-cache-manager")
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), **config.to_additional_config()}
@@ -86,11 +91,13 @@ def _log_plan(config: PrefixKVConfig, block_size: int) -> None:
     evicted = sum(evicted_tokens(reference_prompt, r, block_size, config.sink, config.recent) for r in ratios)
     saving = evicted / (reference_prompt * len(ratios))
     logger.info(
-        "PrefixKV: policy=%s budget=%g scorer=%s; keep ratios per layer: %s; "
+        "PrefixKV: policy=%s budget=%g scorer=%s decode=%s (every %d tokens); keep ratios per layer: %s; "
         "a %d-token prompt frees %.0f%% of its KV cache after prefill (block size %d)",
         config.policy,
         config.budget,
         config.scorer,
+        config.decode,
+        config.decode_interval,
         " ".join(f"{r:.2f}" for r in ratios),
         reference_prompt,
         100 * saving,
@@ -111,7 +118,13 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig) -> dict[s
     for name, ratio in zip(names, ratios):
         fields = {f.name: getattr(specs[name], f.name) for f in dataclasses.fields(FullAttentionSpec) if f.init}
         converted[name] = PrefixKVAttentionSpec(
-            **fields, keep_ratio=ratio, sink=config.sink, recent=config.recent, budget=config.budget
+            **fields,
+            keep_ratio=ratio,
+            sink=config.sink,
+            recent=config.recent,
+            budget=config.budget,
+            decode=config.decode,
+            interval=config.decode_interval,
         )
     return converted
 

@@ -2,8 +2,8 @@
 
 vLLM hands attention-metadata builders no prompt lengths or request ids. The
 plugin wraps the model runner's metadata construction to publish them here for
-the duration of each step (``current_batch``), and keeps the importance scores
-that a prompt accumulates over its prefill chunks (``ScoreStore``).
+the duration of each step (``current_batch``), and keeps what a request's
+compactions need across steps (``RequestStore``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class BatchInfo:
     req_ids: list[str]
     prompt_lens: np.ndarray  # int64 [num_reqs]
     request_budgets: np.ndarray | None = None  # float [num_reqs]: a request's own kv_budget, NaN for the server's
+    # Each PrefixKV group's live-run start per row for this step, on the device, keyed
+    # by the spec's settings: one pinned host-to-device copy per step for all groups.
+    device_starts: dict | None = None
 
 
 _local = threading.local()
@@ -47,38 +50,56 @@ def current_batch() -> BatchInfo | None:
     return getattr(_local, "batch", None)
 
 
-class ScoreStore:
-    """Accumulated attention ``[Hkv, P]`` per (request, layer) until the prompt is compacted."""
+class RequestStore:
+    """Per (request, layer) state that outlives a step: accumulated attention and kept positions.
+
+    * Scores ``[Hkv, n]`` accumulate over the steps whose queries a compaction
+      reads (prompt chunks, or the last decode queries before a round); each is
+      tagged with the processed-token count at which it will be used, so scores
+      gathered for another round are never mistaken for these.
+    * Positions ``[1 or Hkv, m]``: the true position of each token in a layer's
+      compressed blocks, in slot order (compaction writes kept tokens in any
+      order; ``fifo`` needs to know which are prompt tokens and which are newest).
+    """
 
     def __init__(self) -> None:
-        self._scores: dict[str, dict[str, torch.Tensor]] = {}
+        self._scores: dict[str, dict[str, tuple[int, torch.Tensor]]] = {}
+        self._positions: dict[str, dict[str, torch.Tensor]] = {}
 
-    def get(self, req_id: str, layer_name: str, num_kv_heads: int, prompt_len: int, device) -> torch.Tensor:
+    def scores(self, req_id: str, layer_name: str, used_at: int, shape: tuple, device, fresh: bool) -> torch.Tensor:
         layers = self._scores.setdefault(req_id, {})
-        scores = layers.get(layer_name)
-        if scores is None or scores.shape != (num_kv_heads, prompt_len):
-            scores = layers[layer_name] = torch.zeros(num_kv_heads, prompt_len, dtype=torch.float32, device=device)
-        return scores
+        tagged = layers.get(layer_name)
+        if fresh or tagged is None or tagged[0] != used_at or tagged[1].shape != shape:
+            tagged = layers[layer_name] = (used_at, torch.zeros(shape, dtype=torch.float32, device=device))
+        return tagged[1]
 
-    def pop(self, req_id: str, layer_name: str) -> torch.Tensor | None:
+    def take_scores(self, req_id: str, layer_name: str, used_at: int) -> torch.Tensor | None:
         layers = self._scores.get(req_id)
-        if layers is None:
-            return None
-        scores = layers.pop(layer_name, None)
-        if not layers:
+        tagged = layers.pop(layer_name, None) if layers else None
+        if layers is not None and not layers:
             del self._scores[req_id]
-        return scores
+        return tagged[1] if tagged is not None and tagged[0] == used_at else None
+
+    def positions(self, req_id: str, layer_name: str) -> torch.Tensor | None:
+        return self._positions.get(req_id, {}).get(layer_name)
+
+    def set_positions(self, req_id: str, layer_name: str, positions: torch.Tensor) -> None:
+        self._positions.setdefault(req_id, {})[layer_name] = positions
+
+    def drop(self, req_id: str) -> None:
+        self._scores.pop(req_id, None)
+        self._positions.pop(req_id, None)
 
     def retain(self, live_req_ids) -> None:
-        """Drop the scores of requests that finished, were aborted or were preempted."""
-        for req_id in [r for r in self._scores if r not in live_req_ids]:
-            del self._scores[req_id]
+        """Drop the state of requests that finished, were aborted or were preempted."""
+        for req_id in [r for r in {*self._scores, *self._positions} if r not in live_req_ids]:
+            self.drop(req_id)
 
     def __len__(self) -> int:
-        return len(self._scores)
+        return len({*self._scores, *self._positions})
 
 
-SCORES = ScoreStore()
+STORE = RequestStore()
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,16 +1,19 @@
 """What every PrefixKV attention backend does, whatever its stock kernel.
 
 Per KV-cache group and step, ``plan_step`` (called by the metadata builder)
-derives from the prompt lengths:
+derives from the lengths, through ``policy.paged.live_blocks`` (the layout
+contract shared with the scheduler):
 
-* the effective view of requests whose prompt was compacted in an earlier step:
-  their freed prompt blocks are cut out of the block table and their lengths
-  shortened, so attention never reads a freed block;
-* which prompt queries to score this step (chunked prefill accumulates);
-* which requests finish their prompt this step and get compacted.
+* the effective view of every request: its live run of blocks (the freed prefix
+  cut off the block table) and its shortened length, so attention never reads a
+  freed block;
+* which queries to score this step: prompt queries (chunked prefill accumulates)
+  and, with ``scored`` decoding, the last decode queries before a round;
+* which requests' runs move after this step (the prompt finishes, or a decode
+  round comes), and so get compacted.
 
 ``after_attention`` (called by the attention impl, per layer, after the stock
-kernel ran on the full prompt) scores and compacts. Both only prepare and call
+kernel ran) scores and compacts. Both only prepare and call
 the ``torch.ops.prefixkv`` ops, which exist for CPU and CUDA.
 
 ``PrefixKVBuilderMixin`` and ``PrefixKVImplMixin`` wrap a stock backend's
@@ -28,29 +31,42 @@ import torch
 
 from ... import ops
 from ...policy import KVPolicy, Protection, select_tokens
+from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, next_round
 from ..config import PrefixKVConfig
 from ..kv_spec import PrefixKVAttentionSpec
-from ..worker_state import SCORES, BatchInfo, current_batch, policy_for
+from ..worker_state import STORE, BatchInfo, current_batch, policy_for
 
 
 @dataclass
 class ScoreWork:
-    """Prompt queries to score this step, packed as a sub-batch of the step's queries."""
+    """Queries to score this step, packed as a sub-batch of the step's queries.
+
+    Keys are read through each row's effective (live-run) block table, so a row's
+    queries are the last ones of ``seq_lens`` effective tokens.
+    """
 
     rows: list[int]
     token_index: torch.Tensor  # [T'] positions in the step's query tensor
     query_start_loc: torch.Tensor  # [B' + 1] int32
-    seq_lens: torch.Tensor  # [B'] int32, truncated at the prompt end
-    block_table: torch.Tensor  # [B', max_blocks] int32, full (uncompacted) rows
+    seq_lens: torch.Tensor  # [B'] int32 effective key counts (prompt rows: truncated at the prompt end)
+    block_table: torch.Tensor  # [B', max_blocks] int32 effective rows
     min_query_pos: torch.Tensor  # [B'] int32
-    fresh: list[bool]  # first chunk of the prompt: start from zero
+    used_at: list[int]  # processed-token count of the compaction the scores are for
+    sizes: list[int]  # keys scored (the score tensor's length)
+    fresh: list[bool]  # first queries for that compaction: start from zero
 
 
 @dataclass
 class CompactWork:
+    """Rows whose live run moves forward after this step (``policy.paged``)."""
+
     rows: list[int]
-    kept_blocks: list[int]
-    block_table: torch.Tensor  # [R, max_blocks] int32
+    computed: list[int]  # processed tokens before the step
+    processed: list[int]  # and after it
+    start_before: list[int]
+    start_after: list[int]
+    end_after: list[int]
+    block_table: torch.Tensor  # [R, max_blocks] int32, full rows (logical block indices)
 
 
 @dataclass
@@ -58,9 +74,10 @@ class StepWork:
     """Attached to the group's attention metadata for ``after_attention``."""
 
     policy: KVPolicy
-    block_size: int
+    layout: PagedLayout
     req_ids: list[str]
     prompt_lens: list[int]
+    kept_prompt_blocks: list[int]
     score: ScoreWork | None
     compact: CompactWork | None
 
@@ -74,6 +91,47 @@ class StepPlan:
     work: StepWork | None
 
 
+def row_ratios(spec: PrefixKVAttentionSpec, request_budgets: np.ndarray) -> np.ndarray:
+    """The layer's keep ratio for each row (NaN budget: the server's)."""
+    ratios = np.full(request_budgets.shape, spec.keep_ratio)
+    for row in np.flatnonzero(~np.isnan(request_budgets)):
+        ratios[row] = spec.request_ratio(float(request_budgets[row]))
+    return ratios
+
+
+def _rows(spec: PrefixKVAttentionSpec, batch: BatchInfo, num_reqs: int):
+    """Prompt lengths and ratios of the step's rows; rows without a request keep everything."""
+    known = min(num_reqs, len(batch.req_ids))
+    prompt_lens = np.zeros(num_reqs, dtype=np.int64)
+    prompt_lens[:known] = batch.prompt_lens[:known]
+    budgets = np.full(num_reqs, np.nan)
+    if batch.request_budgets is not None:
+        budgets[:known] = batch.request_budgets[:known]
+    ratios = np.ones(num_reqs)
+    ratios[:known] = row_ratios(spec, budgets[:known])
+    return known, prompt_lens, ratios
+
+
+def live_starts(spec: PrefixKVAttentionSpec, batch: BatchInfo, computed: np.ndarray) -> np.ndarray:
+    """Each row's live-run start for ``computed`` processed tokens (the blocks this step reads)."""
+    _, prompt_lens, ratios = _rows(spec, batch, len(computed))
+    start, _ = live_blocks(prompt_lens, computed, ratios, spec.layout)
+    return np.asarray(start, dtype=np.int64)
+
+
+def publish_device_starts(batch: BatchInfo, specs, computed: np.ndarray, device) -> BatchInfo:
+    """Every PrefixKV group's starts in one (pinned, on CUDA) host-to-device copy for the step."""
+    settings = list(dict.fromkeys(spec.prefixkv_settings for spec in specs if isinstance(spec, PrefixKVAttentionSpec)))
+    if not settings or len(computed) == 0:
+        return batch
+    by_settings = {spec.prefixkv_settings: spec for spec in specs if isinstance(spec, PrefixKVAttentionSpec)}
+    host = torch.from_numpy(np.stack([live_starts(by_settings[k], batch, computed) for k in settings]).astype(np.int32))
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    on_device = host.to(device, non_blocking=True)
+    return dataclasses.replace(batch, device_starts={k: on_device[i] for i, k in enumerate(settings)})
+
+
 def plan_step(
     spec: PrefixKVAttentionSpec,
     policy: KVPolicy,
@@ -82,6 +140,7 @@ def plan_step(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens_cpu: torch.Tensor | None = None,
+    decode_window: int = 32,
 ) -> StepPlan | None:
     """The group's effective metadata and this step's work, or ``None`` when nothing changes.
 
@@ -92,70 +151,62 @@ def plan_step(
     num_reqs = seq_lens.shape[0]
     if batch is None or num_reqs == 0:
         return None
-    known = min(num_reqs, len(batch.req_ids))
-    request_budgets = np.full(num_reqs, np.nan)
-    if batch.request_budgets is not None:
-        request_budgets[:known] = batch.request_budgets[:known]
-    if spec.keep_ratio >= 1.0 and not (request_budgets < 1.0).any():
+    known, prompt_lens, ratios = _rows(spec, batch, num_reqs)
+    if (ratios[:known] >= 1.0).all():
         return None
-    block_size = spec.block_size
-    prompt_lens = np.full(num_reqs, np.iinfo(np.int64).max, dtype=np.int64)  # rows without a request (dummy runs)
-    prompt_lens[:known] = batch.prompt_lens[:known]
+    layout = spec.layout
     if seq_lens_cpu is None:
         seq_lens_cpu = seq_lens.cpu()
-    seq_lens_cpu = seq_lens_cpu[:num_reqs].numpy().astype(np.int64)
+    seq_host = seq_lens_cpu[:num_reqs].numpy().astype(np.int64)
     starts = query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-    query_lens = starts[1:] - starts[:-1]
-    computed_before = seq_lens_cpu - query_lens
+    computed = seq_host - (starts[1:] - starts[:-1])
+    start_before, _ = live_blocks(prompt_lens, computed, ratios, layout)
+    start_after, end_after = live_blocks(prompt_lens, seq_host, ratios, layout)
+    kept = kept_prompt_blocks(prompt_lens, ratios, layout.block_size, layout.sink, layout.recent)
+    start_before[known:] = start_after[known:] = 0
 
-    full_blocks = np.where(prompt_lens < np.iinfo(np.int64).max, prompt_lens // block_size, 0)
-    kept = np.array(
-        [
-            spec.kept_blocks(int(p), None if np.isnan(budget) else float(budget)) if f else 0
-            for p, f, budget in zip(prompt_lens, full_blocks, request_budgets)
-        ],
-        dtype=np.int64,
-    )
-    gap = np.where(computed_before >= prompt_lens, full_blocks - kept, 0)
-
-    score_rows, compact_rows = [], []
-    for row in range(known):
-        prompt_len = int(prompt_lens[row])
-        if full_blocks[row] == kept[row]:
-            continue  # nothing to evict: short prompt, or the ratio keeps every block
-        chunk_begin, chunk_end = int(computed_before[row]), int(seq_lens_cpu[row])
-        if chunk_begin < prompt_len and policy.scorer.needs_attention:
-            if min(chunk_end, prompt_len) > max(chunk_begin, policy.scorer.min_query_pos(prompt_len)):
-                score_rows.append(row)
-        if chunk_begin < prompt_len <= chunk_end:
-            compact_rows.append(row)
-    if not gap.any() and not score_rows and not compact_rows:
+    for row in np.flatnonzero(computed[:known] == 0):
+        STORE.drop(batch.req_ids[row])  # a (re)started request: nothing from an earlier life applies
+    compact_rows = [int(r) for r in np.flatnonzero(start_after[:known] > start_before[:known])]
+    score_rows = _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, ratios, policy, layout, decode_window)
+    if not start_before.any() and not score_rows and not compact_rows:
         return None
 
     effective_seq_lens, effective_table = seq_lens, block_table
-    if gap.any():
-        gap_t = torch.from_numpy(gap).to(block_table.device)
-        kept_t = torch.from_numpy(kept).to(block_table.device)
+    if start_before.any():
+        device_starts = (batch.device_starts or {}).get(spec.prefixkv_settings)
+        if device_starts is None or device_starts.shape[0] < num_reqs:
+            device_starts = torch.from_numpy(start_before.astype(np.int32)).to(block_table.device)
+        shift = device_starts[:num_reqs].to(block_table.dtype)
         columns = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
-        source = torch.where(columns >= kept_t[:, None], columns + gap_t[:, None], columns)
-        effective_table = block_table.gather(1, source.clamp(max=block_table.shape[1] - 1))
-        effective_seq_lens = (seq_lens - (gap_t * block_size).to(seq_lens.dtype)).to(seq_lens.dtype)
+        source = (columns + shift[:, None]).clamp(max=block_table.shape[1] - 1)
+        effective_table = block_table.gather(1, source)
+        effective_seq_lens = seq_lens - (shift * layout.block_size).to(seq_lens.dtype)
 
     work = None
     if score_rows or compact_rows:
         work = StepWork(
             policy=policy,
-            block_size=block_size,
+            layout=layout,
             req_ids=batch.req_ids[:known],
             prompt_lens=[int(p) for p in prompt_lens[:known]],
-            score=_score_work(score_rows, starts, computed_before, seq_lens_cpu, prompt_lens, policy, block_table)
+            kept_prompt_blocks=[int(k) for k in kept[:known]],
+            score=_score_work(score_rows, starts, computed, start_before, layout.block_size, effective_table)
             if score_rows
             else None,
-            compact=CompactWork(compact_rows, [int(kept[r]) for r in compact_rows], block_table[compact_rows])
+            compact=CompactWork(
+                compact_rows,
+                [int(computed[r]) for r in compact_rows],
+                [int(seq_host[r]) for r in compact_rows],
+                [int(start_before[r]) for r in compact_rows],
+                [int(start_after[r]) for r in compact_rows],
+                [int(end_after[r]) for r in compact_rows],
+                block_table[compact_rows],
+            )
             if compact_rows
             else None,
         )
-    effective_seq_lens_cpu = seq_lens_cpu - gap * block_size
+    effective_seq_lens_cpu = seq_host - start_before * layout.block_size
     return StepPlan(
         effective_seq_lens,
         torch.from_numpy(effective_seq_lens_cpu).to(torch.int32),
@@ -165,25 +216,59 @@ def plan_step(
     )
 
 
-def _score_work(rows, starts, computed_before, seq_lens, prompt_lens, policy, block_table) -> ScoreWork:
-    token_index, query_start_loc, truncated, min_pos, fresh = [], [0], [], [], []
-    for row in rows:
-        prompt_end = min(int(seq_lens[row]), int(prompt_lens[row]))  # resumed requests run past the prompt
-        num_queries = prompt_end - int(computed_before[row])
-        token_index.append(torch.arange(int(starts[row]), int(starts[row]) + num_queries))
-        query_start_loc.append(query_start_loc[-1] + num_queries)
-        truncated.append(prompt_end)
-        min_pos.append(policy.scorer.min_query_pos(int(prompt_lens[row])))
-        fresh.append(int(computed_before[row]) == 0)
-    device = block_table.device
-    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32, device=device)  # noqa: E731
+def _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, ratios, policy, layout, decode_window):
+    """``(row, first query, end query, used_at, min query position, fresh)`` for rows scored this step.
+
+    Prompt rows score their prompt queries (from the scorer's first query on) for
+    the prompt compaction; with ``scored`` decoding, decode rows score the last
+    ``decode_window`` queries before the round that will move their run.
+    """
+    bs = layout.block_size
+    rows = []
+    for row in range(known):
+        prompt_len, begin, end = int(prompt_lens[row]), int(computed[row]), int(seq_host[row])
+        if begin < prompt_len:
+            if kept[row] == prompt_len // bs or not policy.scorer.needs_attention:
+                continue  # nothing to evict from the prompt, or nothing to score with
+            first = max(begin, policy.scorer.min_query_pos(prompt_len))
+            last = min(end, prompt_len)
+            if last > first:
+                rows.append((row, first, last, prompt_len, policy.scorer.min_query_pos(prompt_len), begin == 0))
+            continue
+        if layout.decode != "scored":
+            continue
+        upcoming = next_round(prompt_len, begin, layout)
+        target = prompt_len + (end - prompt_len) // layout.interval * layout.interval if end >= upcoming else upcoming
+        moves = live_blocks(prompt_len, target, ratios[row], layout)[0] > start_before[row]
+        first, last = max(begin, target - decode_window), min(end, target)
+        if moves and last > first:
+            rows.append((row, first, last, target, 0, begin <= target - decode_window))
+    return rows
+
+
+def _score_work(rows, starts, computed, start_before, block_size, effective_table) -> ScoreWork:
+    token_index, query_start_loc, key_lens, min_pos, used_at, sizes, fresh = [], [0], [], [], [], [], []
+    for row, first, last, at, min_query, is_fresh in rows:
+        offset = int(start_before[row]) * block_size
+        begin = int(starts[row]) + first - int(computed[row])
+        token_index.append(torch.arange(begin, begin + last - first))
+        query_start_loc.append(query_start_loc[-1] + last - first)
+        key_lens.append(last - offset)
+        min_pos.append(max(0, min_query - offset))
+        used_at.append(at)
+        sizes.append(at - offset)
+        fresh.append(is_fresh)
+    device = effective_table.device
+    as_int32 = lambda values: torch.tensor(values, dtype=torch.int32).to(device)  # noqa: E731
     return ScoreWork(
-        rows=rows,
+        rows=[r[0] for r in rows],
         token_index=torch.cat(token_index).to(device),
         query_start_loc=as_int32(query_start_loc),
-        seq_lens=as_int32(truncated),
-        block_table=block_table[rows],
+        seq_lens=as_int32(key_lens),
+        block_table=effective_table[[r[0] for r in rows]],
         min_query_pos=as_int32(min_pos),
+        used_at=used_at,
+        sizes=sizes,
         fresh=fresh,
     )
 
@@ -196,7 +281,7 @@ def after_attention(
     value_cache: torch.Tensor,
     scale: float,
 ) -> None:
-    """Score this step's prompt queries, then compact the prompts that just finished.
+    """Score this step's queries, then move the runs of the rows whose layout moves.
 
     ``key_cache``/``value_cache`` are ``[num_blocks, block_size, Hkv, D]`` views.
     """
@@ -209,8 +294,7 @@ def after_attention(
 
 def _accumulate_scores(work, layer_name, query, key_cache, scale, num_kv_heads):
     score = work.score
-    prompt_lens = [work.prompt_lens[row] for row in score.rows]
-    chunk = torch.zeros(len(score.rows), num_kv_heads, max(prompt_lens), dtype=torch.float32, device=query.device)
+    chunk = torch.zeros(len(score.rows), num_kv_heads, max(score.sizes), dtype=torch.float32, device=query.device)
     ops.importance(
         query.index_select(0, score.token_index),
         key_cache,
@@ -221,35 +305,105 @@ def _accumulate_scores(work, layer_name, query, key_cache, scale, num_kv_heads):
         chunk,
         min_query_pos=score.min_query_pos,
     )
-    for index, (row, fresh) in enumerate(zip(score.rows, score.fresh)):
-        req_id, prompt_len = work.req_ids[row], work.prompt_lens[row]
-        if fresh:
-            SCORES.pop(req_id, layer_name)
-        SCORES.get(req_id, layer_name, num_kv_heads, prompt_len, query.device).add_(chunk[index, :, :prompt_len])
+    for index, row in enumerate(score.rows):
+        size = score.sizes[index]
+        stored = STORE.scores(
+            work.req_ids[row], layer_name, score.used_at[index], (num_kv_heads, size), query.device, score.fresh[index]
+        )
+        stored.add_(chunk[index, :, :size])
+
+
+# Priorities above any score or position: tokens a selection must keep.
+_KEEP = float("inf")
 
 
 def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
+    """Select each moving row's kept tokens and write them into the last blocks of its new run.
+
+    The destination blocks are listed first and the blocks being freed after them,
+    so ``ops.compact`` (which moves kept tokens to the front of a block list, in
+    order, overlap-safe) fills the destination and the freed blocks are a prefix.
+    """
     compact = work.compact
-    policy, block_size = work.policy, work.block_size
-    selections = []
-    for row, kept_blocks in zip(compact.rows, compact.kept_blocks):
-        req_id, prompt_len = work.req_ids[row], work.prompt_lens[row]
-        body = (prompt_len // block_size) * block_size  # the tail block stays in place
-        accumulated = SCORES.pop(req_id, layer_name)
-        if accumulated is None:  # recency needs no attention
-            accumulated = torch.zeros(num_kv_heads, prompt_len, device=key_cache.device)
-        scores = policy.scorer.scores(accumulated, prompt_len)[:, :body]
-        protection = Protection(
-            sink=policy.protection.sink, recent=max(0, policy.protection.recent - (prompt_len - body))
+    bs = work.layout.block_size
+    lists, selections, new_positions = [], [], []
+    for index, row in enumerate(compact.rows):
+        req_id = work.req_ids[row]
+        before, after, end = compact.start_before[index], compact.start_after[index], compact.end_after[index]
+        keep = (end - after) * bs
+        priority, positions = _priorities(
+            work, layer_name, row, compact.computed[index], compact.processed[index], before, end, num_kv_heads, key_cache.device
         )
-        selections.append(select_tokens(scores, kept_blocks * block_size, protection))
-    rows_per_request = max(s.shape[0] for s in selections)
+        heads = max(priority.shape[0], positions.shape[0])
+        chosen = select_tokens(priority.expand(heads, -1), keep, Protection(sink=0, recent=0))
+        moved = (after - before) * bs  # candidate slots in blocks that will be freed
+        reordered = torch.where(chosen >= moved, chosen - moved, chosen + keep)
+        reordered, order = reordered.sort(dim=1)
+        selections.append(reordered)
+        new_positions.append(positions.expand(heads, -1).gather(1, chosen.gather(1, order)))
+        table = compact.block_table[index]
+        lists.append(torch.cat([table[after:end], table[before:after]]))
+        STORE.set_positions(req_id, layer_name, new_positions[-1])
     width = max(s.shape[1] for s in selections)
-    keep_indices = torch.zeros(len(selections), rows_per_request, width, dtype=torch.int32, device=key_cache.device)
+    heads = max(s.shape[0] for s in selections)
+    keep_indices = torch.zeros(len(selections), heads, width, dtype=torch.int32, device=key_cache.device)
     for index, selection in enumerate(selections):
-        keep_indices[index, : selection.shape[0], : selection.shape[1]] = selection.to(torch.int32)
-    num_kept = torch.tensor([s.shape[1] for s in selections], dtype=torch.int32, device=key_cache.device)
-    ops.compact(key_cache, value_cache, compact.block_table, keep_indices, num_kept)
+        keep_indices[index, :, : selection.shape[1]] = selection.to(torch.int32)
+    tables = torch.zeros(len(lists), max(t.numel() for t in lists), dtype=torch.int32, device=key_cache.device)
+    for index, table in enumerate(lists):
+        tables[index, : table.numel()] = table
+    num_kept = torch.tensor([s.shape[1] for s in selections], dtype=torch.int32).to(key_cache.device)
+    ops.compact(key_cache, value_cache, tables, keep_indices, num_kept)
+
+
+def _priorities(work, layer_name, row, computed, processed, before, end, num_kv_heads, device):
+    """Selection priorities ``[1 or Hkv, n]`` of a row's candidate slots, and their true positions.
+
+    Candidates are the live slots before the new recent region: ``[before, end)``
+    blocks. A prompt compaction ranks the prompt body by the scorer (protecting
+    sink and recent tokens); a decode round ranks by ``fifo`` (the compressed
+    prompt, then the newest tokens) or by ``scored`` (attention of the last
+    decode queries, sink protected); a request resumed past a round (recompute
+    after preemption) ranks its prompt by the scorer and its output by ``fifo``.
+    """
+    policy, layout, bs = work.policy, work.layout, work.layout.block_size
+    req_id, prompt_len = work.req_ids[row], work.prompt_lens[row]
+    count = (end - before) * bs
+    natural = torch.arange(before * bs, before * bs + count, device=device)[None, :]
+    if computed < prompt_len:  # the prompt compaction (and a resumed request's catch-up)
+        body = (prompt_len // bs) * bs
+        accumulated = STORE.take_scores(req_id, layer_name, prompt_len)
+        if accumulated is None:  # recency needs no attention
+            accumulated = torch.zeros(num_kv_heads, prompt_len, device=device)
+        scores = policy.scorer.scores(accumulated, prompt_len)[:, :body]
+        protection = Protection(sink=policy.protection.sink, recent=max(0, policy.protection.recent - (prompt_len - body)))
+        chosen = select_tokens(scores, work.kept_prompt_blocks[row] * bs, protection)
+        if count == body:
+            return _one_hot(chosen, body), natural
+        priority = natural.to(torch.float32).expand(chosen.shape[0], -1).clone()
+        priority[:, :body] = -_KEEP
+        priority[:, body:prompt_len] = _KEEP
+        priority.scatter_(1, chosen, _KEEP)
+        return priority, natural
+    positions = STORE.positions(req_id, layer_name)
+    if positions is None:
+        positions = natural
+    else:
+        compressed = positions.shape[1]
+        positions = torch.cat([positions, natural[:, compressed:].expand(positions.shape[0], -1)], dim=1)
+    accumulated = None
+    if layout.decode == "scored":
+        at_round = prompt_len + (processed - prompt_len) // layout.interval * layout.interval
+        accumulated = STORE.take_scores(req_id, layer_name, at_round)
+    if accumulated is None:  # fifo, or no decode scores (a request resumed past a round)
+        return torch.where(positions < prompt_len, _KEEP, positions.to(torch.float32)), positions
+    scores = accumulated[:, :count] if policy.scorer.per_kv_head else accumulated[:, :count].mean(dim=0, keepdim=True)
+    return scores.masked_fill(positions < policy.protection.sink, _KEEP), positions
+
+
+def _one_hot(chosen: torch.Tensor, size: int) -> torch.Tensor:
+    priority = torch.zeros(chosen.shape[0], size, device=chosen.device)
+    return priority.scatter_(1, chosen, 1.0)
 
 
 class PrefixKVBuilderMixin:
@@ -263,7 +417,9 @@ class PrefixKVBuilderMixin:
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.prefixkv_policy = policy_for(PrefixKVConfig.from_additional_config(vllm_config.additional_config))
+        config = PrefixKVConfig.from_additional_config(vllm_config.additional_config)
+        self.prefixkv_policy = policy_for(config)
+        self.prefixkv_decode_window = config.window
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         spec = self.kv_cache_spec
@@ -277,6 +433,7 @@ class PrefixKVBuilderMixin:
                 common_attn_metadata.seq_lens,
                 common_attn_metadata.block_table_tensor,
                 seq_lens_cpu=common_attn_metadata.seq_lens_cpu_upper_bound,
+                decode_window=self.prefixkv_decode_window,
             )
         if plan is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -292,7 +449,7 @@ class PrefixKVBuilderMixin:
 
 
 class PrefixKVImplMixin:
-    """Runs the stock attention, then scores and compacts the layer's prompt cache."""
+    """Runs the stock attention, then scores and compacts the layer's cache."""
 
     @staticmethod
     def token_major_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

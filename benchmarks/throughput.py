@@ -1,0 +1,241 @@
+"""Serving throughput with the same KV pool, measured with vLLM's own load generator.
+
+For each shape (input + output tokens) this starts ``vllm serve`` on the demo model
+once per configuration (stock vLLM, then each policy at each budget), every one
+with the same KV pool in bytes (``--kv-cache-memory-bytes``; ``--num-gpu-blocks-override``
+would count blocks over all KV-cache groups), and runs ``vllm bench serve``
+(random dataset, ``--ignore-eos``, all requests at once). While it runs, ``/metrics``
+is polled for KV usage, requests running and preemptions.
+
+Reported per shape: output tok/s and its ratio to stock *in the same run*,
+request/s, TTFT and TPOT p50/p99, most requests running at once, preemptions, KV
+usage while decoding (mean) against the block arithmetic's prediction for the
+requests' progress at each sample (``policy.paged``), usage after the load, and
+Amdahl's bound: stock's time over the time stock needs for the same prompts
+with one output token each (the prefill share), i.e. the most any KV compression
+can gain while prefill is unchanged.
+
+Writes ``throughput.md``, ``throughput.png`` and ``throughput.json`` under ``--out-dir``.
+``--quick`` runs a small shape for the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+from prefixkv_vllm.tools.server import VLLM, ServerProcess, vllm_server, vllm_version  # noqa: E402
+
+BLOCK_SIZE = 32
+SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]
+SHAPES = {"1024+512": (1024, 512, 48), "256+2048": (256, 2048, 32), "2048+128": (2048, 128, 32)}
+
+
+def config_name(config: dict) -> str:
+    return "stock" if config["policy"] == "none" else f"{config['policy']}@{config['budget']:g} ({config['decode']})"
+
+
+def config_args(config: dict) -> list[str]:
+    if config["policy"] == "none":
+        return []
+    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"]]
+
+
+def poll_metrics(server: ServerProcess, stop: threading.Event, samples: list, period: float) -> None:
+    while not stop.is_set():
+        try:
+            samples.append({"t": time.time(), **server.metrics()})
+        except OSError:
+            pass
+        stop.wait(period)
+
+
+def bench(server: ServerProcess, model: str, input_len: int, output_len: int, num_prompts: int, result_dir: Path, name: str) -> dict:
+    """One ``vllm bench serve`` run; returns its saved JSON result."""
+    port = server.base_url.rsplit(":", 1)[1]
+    command = [
+        VLLM, "bench", "serve", "--backend", "vllm", "--port", port, "--model", "demo", "--tokenizer", model,
+        "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+        "--num-prompts", str(num_prompts), "--request-rate", "inf", "--ignore-eos", "--seed", "0",
+        "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
+        "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{name}.json",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return json.loads((result_dir / f"{name}.json").read_text())
+
+
+def predicted_usage(log: str, input_len: int, samples: list, output_len: int, pool_blocks: int) -> float | None:
+    """Mean usage the block arithmetic predicts over the decode samples, from each sample's generated-token count."""
+    import numpy as np
+
+    from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
+
+    match = re.search(r"keep ratios per layer: ([\d. ]+);", log)
+    settings = re.search(r"decode=(\w+) \(every (\d+) tokens\)", log)
+    if not match or not settings or not samples:
+        return None
+    ratios = np.array([float(r) for r in match.group(1).split()])
+    layout = PagedLayout(BLOCK_SIZE, sink=1, recent=64, decode=settings.group(1), interval=int(settings.group(2)))
+    values = []
+    for sample in samples:
+        running, generated = sample["running"], sample["generated"]
+        computed = input_len + max(0, min(generated, output_len) - 1)
+        start, _ = live_blocks(input_len, computed, ratios, layout)
+        per_request = (math.ceil((computed + 1) / BLOCK_SIZE) - np.asarray(start)).sum()
+        values.append(running * per_request / pool_blocks)
+    return float(np.mean(values))
+
+
+def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
+    input_len, output_len, num_prompts = shape
+    serve_args = ["--max-model-len", str(input_len + output_len + 64), *SERVE_ARGS]
+    serve_args += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes), *config_args(config)]
+    output_len = config.get("output_len", output_len)
+    name = re.sub(r"[^A-Za-z0-9.+-]", "-", f"{config_name(config)}-{input_len}+{output_len}")
+    with vllm_server(model, serve_args, log_path=log_dir / f"{name}.log", timeout=1200) as server:
+        samples: list = []
+        stop = threading.Event()
+        poller = threading.Thread(target=poll_metrics, args=(server, stop, samples, args.poll), daemon=True)
+        poller.start()
+        started = time.time()
+        result = bench(server, model, input_len, output_len, num_prompts, result_dir, name)
+        stop.set()
+        poller.join()
+        time.sleep(1.0)
+        after = server.metrics()
+        log = server.log()
+    capacity = re.search(r"KV cache size: ([\d,]+) tokens", log)
+    pool_blocks = int(capacity.group(1).replace(",", "")) // BLOCK_SIZE if capacity else None
+    decode_samples = []
+    for s in samples:
+        running = s.get("vllm:num_requests_running", 0)
+        generated = s.get("vllm:generation_tokens_total", 0)
+        if running == num_prompts:  # everyone admitted and decoding: progress is shared evenly
+            decode_samples.append({"usage": s.get("vllm:kv_cache_usage_perc"), "running": running, "generated": generated / num_prompts})
+    first = samples[0] if samples else {}
+    return {
+        "config": config_name(config),
+        "shape": f"{input_len}+{output_len}",
+        "duration_s": result["duration"],
+        "wall_s": time.time() - started,
+        "output_tok_s": result["output_throughput"],
+        "request_s": result["request_throughput"],
+        "ttft_p50_ms": result.get("p50_ttft_ms"), "ttft_p99_ms": result.get("p99_ttft_ms"),
+        "tpot_p50_ms": result.get("p50_tpot_ms"), "tpot_p99_ms": result.get("p99_tpot_ms"),
+        "completed": result["completed"],
+        "max_running": max((s.get("vllm:num_requests_running", 0) for s in samples), default=0),
+        "preemptions": after.get("vllm:num_preemptions_total", 0) - first.get("vllm:num_preemptions_total", 0),
+        "decode_usage_mean": sum(s["usage"] for s in decode_samples) / len(decode_samples) if decode_samples else None,
+        "decode_usage_predicted": predicted_usage(log, input_len, decode_samples, output_len, pool_blocks) if pool_blocks else None,
+        "usage_after": after.get("vllm:kv_cache_usage_perc"),
+        "pool_tokens": pool_blocks * BLOCK_SIZE if pool_blocks else None,
+    }
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    lines = [header, ""]
+    for shape in dict.fromkeys(r["shape"] for r in rows if not r.get("prefill_only")):
+        shape_rows = [r for r in rows if r["shape"] == shape and not r.get("prefill_only")]
+        stock = next((r for r in shape_rows if r["config"] == "stock"), None)
+        prefill = next((r for r in rows if r.get("prefill_only") and r["shape"] == shape), None)
+        lines += [f"### {shape} ({shape_rows[0]['completed']} requests)", ""]
+        if stock and prefill:
+            bound = stock["duration_s"] / prefill["duration_s"]
+            lines += [f"Prefill share of stock's time: {prefill['duration_s']:.1f} s of {stock['duration_s']:.1f} s "
+                      f"({100 / bound:.0f}%); Amdahl's bound on any KV compression's gain: {bound:.2f}x.", ""]  # fmt: skip
+        lines += [
+            "| config | duration | output tok/s | vs stock | req/s | TTFT p50 / p99 | TPOT p50 / p99 | max running | preemptions | KV usage decoding (predicted) | after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in shape_rows:
+            ratio = f"{r['output_tok_s'] / stock['output_tok_s']:.2f}x" if stock else "-"
+            usage = "-" if r["decode_usage_mean"] is None else f"{100 * r['decode_usage_mean']:.1f}%"
+            if r["decode_usage_predicted"] is not None:
+                usage += f" ({100 * r['decode_usage_predicted']:.1f}%)"
+            lines.append(
+                f"| {r['config']} | {r['duration_s']:.1f} s | {r['output_tok_s']:.1f} | {ratio} | {r['request_s']:.3f} | "
+                f"{r['ttft_p50_ms'] / 1000:.1f} / {r['ttft_p99_ms'] / 1000:.1f} s | {r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f} ms | "
+                f"{r['max_running']:.0f} | {r['preemptions']:.0f} | {usage} | {100 * (r['usage_after'] or 0):.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in rows if not r.get("prefill_only")))
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        shape_rows = [r for r in rows if r["shape"] == shape and not r.get("prefill_only")]
+        ax.bar(range(len(shape_rows)), [r["output_tok_s"] for r in shape_rows], color="tab:blue")
+        ax.set_xticks(range(len(shape_rows)), [r["config"] for r in shape_rows], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{shape}: output tok/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5])
+    parser.add_argument("--policies", nargs="+", default=["prefixkv", "uniform"], choices=["prefixkv", "uniform", "streaming"])
+    parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"])
+    parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
+    parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="the KV pool of every server (default 1 GiB)")
+    parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
+    parser.add_argument("--quick", action="store_true", help="a small shape for the test suite")
+    parser.add_argument("--poll", type=float, default=0.5)
+    parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
+    args = parser.parse_args(argv)
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+
+    model = str(demo_model_path())
+    shapes = {"256+128": (256, 128, 8)} if args.quick else {k: SHAPES[k] for k in args.shapes}
+    if args.num_prompts:
+        shapes = {k: (i, o, args.num_prompts) for k, (i, o, _) in shapes.items()}
+    if args.quick:
+        args.budgets, args.policies, args.kv_cache_bytes = [0.2], ["uniform"], 64 << 20
+    configs = [{"policy": "none"}] + [
+        {"policy": p, "budget": b, "decode": d} for b in args.budgets for p in args.policies for d in args.decode
+    ]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as result_dir:
+        for shape in shapes.values():
+            if not args.no_amdahl:
+                row = run_config(model, {"policy": "none", "output_len": 1}, shape, args, Path(result_dir), args.log_dir)
+                rows.append({**row, "shape": f"{shape[0]}+{shape[1]}", "prefill_only": True})
+            for config in configs:
+                rows.append(run_config(model, config, shape, args, Path(result_dir), args.log_dir))
+                print(json.dumps(rows[-1]), flush=True)
+    header = (
+        f"# Throughput: demo model, {vllm_version()}, fp32, block size {BLOCK_SIZE}, KV pool "
+        f"{args.kv_cache_bytes / 2**20:.0f} MiB for every server, `vllm bench serve` random dataset, "
+        f"--ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})"
+    )
+    stem = "throughput-quick" if args.quick else "throughput"
+    (args.out_dir / f"{stem}.md").write_text(markdown(rows, header) + "\n")
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, args.out_dir / f"{stem}.png")
+    print(markdown(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Compression-aware admission (scheduler process).
+
+Stock vLLM admits a request when its prompt fits in the free blocks, and preempts
+running requests later if their outputs outgrow the pool. With decode-time
+eviction each request's footprint is bounded and known in advance
+(``policy.paged.peak_live_blocks``: every layer's ratio of the tokens seen, plus
+the recent window), so the scheduler can admit only what will fit: a waiting
+request is admitted when the free blocks cover its own peak *and* what every
+running request may still grow to. vLLM's sliding-window admission cap
+(``max_admission_blocks_per_request``) is the precedent; here the reservation
+goes through ``allocate_slots``'s ``reserved_blocks``.
+
+A request's horizon is its ``max_tokens`` (the OpenAI server sets it to the rest
+of the context when a client gives none), so requests that stop early leave
+blocks unused until they finish; ``--kv-admission stock`` keeps vLLM's optimistic
+rule instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..policy.paged import live_blocks, peak_live_blocks
+from .kv_spec import PrefixKVAttentionSpec
+from .request_options import SCHEDULER_BUDGETS
+
+ADMISSION_MODES = ("reserve", "stock")
+
+
+class Admission:
+    def __init__(self, kv_cache_config, running: list, max_model_len: int) -> None:
+        self.specs = [group.kv_cache_spec for group in kv_cache_config.kv_cache_groups]
+        if not all(isinstance(spec, PrefixKVAttentionSpec) for spec in self.specs):
+            raise TypeError("compression-aware admission needs every KV-cache group to be a PrefixKV group")
+        self.layout = self.specs[0].layout
+        self.running = running  # the scheduler's own list, mutated in place by vLLM
+        self.max_model_len = max_model_len
+        self._peaks: dict[str, int] = {}
+
+    def _ratios(self, request_id: str) -> np.ndarray:
+        budget = SCHEDULER_BUDGETS.get(request_id)
+        ratios = [spec.request_ratio(budget) for spec in self.specs]
+        return np.minimum(np.array(ratios), 1.0)
+
+    def peak(self, request) -> int:
+        peak = self._peaks.get(request.request_id)
+        if peak is None:
+            final_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
+            peak = peak_live_blocks(request.num_prompt_tokens, final_len, self._ratios(request.request_id), self.layout)
+            self._peaks[request.request_id] = peak
+        return peak
+
+    def held(self, request) -> int:
+        computed = request.num_computed_tokens
+        start, _ = live_blocks(request.num_prompt_tokens, computed, self._ratios(request.request_id), self.layout)
+        return int((-(-computed // self.layout.block_size) - np.asarray(start)).sum())
+
+    def reserved_for(self, request, num_new_tokens: int) -> int:
+        """Blocks to keep free when admitting ``request``: the running requests' growth and its own beyond this step."""
+        growth = sum(max(0, self.peak(r) - self.held(r)) for r in self.running if r is not request)
+        now = len(self.specs) * -(-(request.num_computed_tokens + num_new_tokens) // self.layout.block_size)
+        return growth + max(0, self.peak(request) - now)
+
+    def release(self, request_id: str) -> None:
+        self._peaks.pop(request_id, None)

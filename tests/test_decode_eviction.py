@@ -1,0 +1,175 @@
+"""Decode-time eviction without an engine: the layout contract, and a token-by-token simulation of one request.
+
+The simulation plays vLLM's part: it writes each new token's K/V to logical block
+``pos // block_size`` (as the slot mapping does), lets the scheduler free the
+blocks before ``live_blocks(...)[0]`` (as the KV manager does), and checks what
+the attention kernel would read through the effective table at every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from prefixkv_vllm.policy import build_policy  # noqa: E402
+from prefixkv_vllm.policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, peak_live_blocks  # noqa: E402
+from prefixkv_vllm.vllm_adapter.backends.core import after_attention, plan_step, publish_device_starts  # noqa: E402
+from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
+from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E402
+
+BLOCK, HKV, HQ, DIM = 8, 2, 4, 8
+INTERVAL, RECENT = 16, 4
+
+
+def layer_spec(ratio, decode, budget=None):
+    return PrefixKVAttentionSpec(
+        block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=1,
+        recent=RECENT, budget=ratio if budget is None else budget, decode=decode, interval=INTERVAL,
+    )
+
+
+class TestLayout:
+    @pytest.mark.parametrize("decode", ["off", "fifo", "scored"])
+    @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5, 0.9, 1.0])
+    def test_start_never_goes_back_and_stays_behind_the_recent_tokens(self, decode, ratio):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=INTERVAL)
+        for prompt in (1, 7, 8, 37, 64, 100):
+            computed = np.arange(0, prompt + 400)
+            start, end = live_blocks(prompt, computed, ratio, layout)
+            assert (np.diff(start) >= 0).all()
+            assert (start <= end).all()
+            # Never frees a block holding one of the last `recent` tokens, nor the prompt's tail block.
+            assert (start * BLOCK <= np.maximum(computed - RECENT, 0)).all()
+            assert (start <= np.where(computed >= prompt, prompt // BLOCK, 0)).all() or decode != "off"
+
+    @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5])
+    def test_decode_rounds_hold_the_ratio_of_all_tokens_seen(self, ratio):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=INTERVAL)
+        prompt = 200
+        for computed in range(prompt + INTERVAL, prompt + 2000, 7):
+            start, _ = live_blocks(prompt, computed, ratio, layout)
+            held = math.ceil(computed / BLOCK) * BLOCK - start * BLOCK
+            # ratio x tokens seen, plus the stated overhead: recent window, partial blocks, one interval.
+            assert held <= ratio * computed + RECENT + INTERVAL + 3 * BLOCK
+            assert held >= ratio * computed - BLOCK
+        off = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="off")
+        start, _ = live_blocks(prompt, prompt + 2000, ratio, off)
+        assert start == prompt // BLOCK - kept_prompt_blocks(prompt, ratio, BLOCK, 1, RECENT)  # off: only the prompt
+
+    def test_full_ratio_never_frees(self):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=INTERVAL)
+        start, _ = live_blocks(300, np.arange(0, 3000), 1.0, layout)
+        assert not start.any()
+
+    def test_peak_bounds_every_state(self):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=INTERVAL)
+        ratios = np.array([0.1, 0.3, 0.6])
+        prompt, final = 150, 600
+        peak = peak_live_blocks(prompt, final, ratios, layout)
+        for computed in range(prompt, final):
+            start, _ = live_blocks(prompt, computed, ratios, layout)
+            assert (math.ceil((computed + 1) / BLOCK) - start).sum() <= peak
+        assert peak < len(ratios) * math.ceil(final / BLOCK)  # eviction lowers the peak
+
+
+def simulate(prompt_len, new_tokens, decode, ratio=0.25, chunk=None, per_kv_head=False, request_budget=None, seed=0):
+    """Runs one request through prefill (in chunks) and decoding; returns the tags of the live tokens per step."""
+    STORE.drop("r")
+    gen = torch.Generator().manual_seed(seed)
+    total = prompt_len + new_tokens
+    max_blocks = math.ceil(total / BLOCK) + 1
+    keys = torch.randn(max_blocks, BLOCK, HKV, DIM, generator=gen)
+    values = torch.full((max_blocks, BLOCK, HKV, DIM), -1.0)  # -1: never written
+    queries = torch.randn(total, HQ, DIM, generator=gen)
+    table = torch.arange(max_blocks, dtype=torch.int32)[None, :]
+    spec = layer_spec(ratio, decode)
+    policy = build_policy("uniform", ratio, scorer="window", window=4, per_kv_head=per_kv_head, sink=1, recent=RECENT)
+    budgets = np.array([np.nan if request_budget is None else request_budget])
+    batch = BatchInfo(req_ids=["r"], prompt_lens=np.array([prompt_len]), request_budgets=budgets)
+    layer_ratio = spec.request_ratio(request_budget)
+    computed, history = 0, []
+    while computed < total:
+        step = min(chunk or prompt_len, prompt_len - computed) if computed < prompt_len else 1
+        positions = torch.arange(computed, computed + step)
+        values[positions // BLOCK, positions % BLOCK] = positions.float()[:, None, None]  # the slot mapping
+        seq_lens = torch.tensor([computed + step], dtype=torch.int32)
+        qsl = torch.tensor([0, step], dtype=torch.int32)
+        plan = plan_step(spec, policy, batch, qsl, seq_lens, table, decode_window=4)
+        effective_table, effective_len = (table, computed + step) if plan is None else (plan.block_table, int(plan.seq_lens[0]))
+        # What attention reads: every live slot holds a distinct real token, the recent ones included.
+        slots = torch.arange(effective_len)
+        read = values[effective_table[0, slots // BLOCK].long(), slots % BLOCK]  # [n, Hkv, D]
+        tags = read[:, :, 0]
+        assert (tags >= 0).all(), f"step at {computed}: read a slot never written"
+        assert (tags <= computed + step - 1).all()
+        for head in range(HKV):
+            assert tags[:, head].unique().numel() == effective_len, f"step at {computed}: a token read twice"
+        recent = torch.arange(max(0, computed + step - RECENT), computed + step).float()
+        assert torch.isin(recent, tags[:, 0]).all()
+        # The scheduler frees the blocks before the live run of the state this step read.
+        start, _ = live_blocks(prompt_len, computed, layer_ratio, spec.layout)
+        assert (effective_table[0, : math.ceil(effective_len / BLOCK)] >= start).all()
+        if plan is not None and plan.work is not None:
+            after_attention(plan.work, "layer", queries[computed : computed + step], keys, values, DIM**-0.5)
+        computed += step
+        # Freed blocks go to other requests: poison them.
+        values[: live_blocks(prompt_len, computed, layer_ratio, spec.layout)[0]] = -1.0
+        history.append(tags)
+    return history
+
+
+@pytest.mark.parametrize("decode", ["off", "fifo", "scored"])
+@pytest.mark.parametrize("per_kv_head", [False, True])
+@pytest.mark.parametrize("prompt_len, chunk", [(61, None), (61, 20), (96, 32), (5, None)])
+def test_every_step_reads_only_live_tokens(decode, per_kv_head, prompt_len, chunk):
+    history = simulate(prompt_len, 150, decode, chunk=chunk, per_kv_head=per_kv_head)
+    final = history[-1]
+    if decode != "off" and prompt_len > 16:
+        # Held about ratio x tokens seen plus the recent window and one interval, not the whole output.
+        assert final.shape[0] <= 0.25 * (prompt_len + 150) + RECENT + INTERVAL + 3 * BLOCK
+
+
+def test_fifo_keeps_the_compressed_prompt_and_the_newest_tokens():
+    prompt_len = 96
+    history = simulate(prompt_len, 200, "fifo")
+    first_decode = history[1][:, 0]
+    compressed_prompt = set(first_decode[first_decode < prompt_len].tolist())
+    final = history[-1][:, 0]
+    assert compressed_prompt <= set(final.tolist())  # the prompt's selection stays for good
+    generated = final[final >= prompt_len].sort().values
+    total = prompt_len + 200
+    assert torch.equal(generated, torch.arange(total - generated.numel(), total).float())  # the newest, no holes
+
+
+def test_scored_can_evict_prompt_tokens_for_output_tokens():
+    prompt_len = 96
+    history = simulate(prompt_len, 200, "scored", seed=1)
+    first_decode = set(history[1][:, 0].tolist())
+    final = set(history[-1][:, 0].tolist())
+    assert {t for t in first_decode if t < prompt_len} - final  # some prompt tokens were re-selected away
+    assert 0.0 in final  # the sink stays
+
+
+def test_request_budget_one_keeps_everything_while_decoding():
+    history = simulate(61, 100, "fifo", request_budget=1.0)
+    assert all(tags.shape[0] == 61 + i for i, tags in enumerate(history[1:], start=1))
+
+
+def test_device_starts_match_the_host_path():
+    spec = layer_spec(0.25, "fifo")
+    batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 64]))
+    computed = np.array([64 + 40, 10])
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    seq_lens = torch.tensor(computed + 1, dtype=torch.int32)
+    table = torch.arange(2 * 30, dtype=torch.int32).view(2, 30)
+    policy = build_policy("uniform", 0.25)
+    host = plan_step(spec, policy, batch, qsl, seq_lens, table)
+    published = publish_device_starts(batch, [spec], computed, "cpu")
+    device = plan_step(spec, policy, published, qsl, seq_lens, table)
+    assert torch.equal(host.block_table, device.block_table) and torch.equal(host.seq_lens, device.seq_lens)
+    assert host.seq_lens[0] < 105 and host.seq_lens[1] == 11
