@@ -149,17 +149,24 @@ def run_load(server: Server, prompts: list[list[int]], max_tokens: int, poll_s: 
 # --- expected usage from the block arithmetic -----------------------------------------
 
 
-def expected_blocks(prompt_len: int, generated: int, ratios: list[float] | None, sink: int = 1, recent: int = 1) -> float:
-    """Blocks a request holds, in units of one stock block (all layers), after ``generated`` tokens."""
-    from prefixkv_vllm.policy.paged import kept_prompt_blocks
+def expected_blocks(prompt_len: int, generated: int, ratios: list[float] | None, decode: str = "off") -> float:
+    """Blocks a request holds, in units of one stock block (all layers), after ``generated`` tokens.
+
+    The layout contract the server uses (``policy.paged``) at the server's defaults (sink 1, recent 64,
+    a decode round every 128 tokens).
+    """
+    import numpy as np
+
+    from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
 
     # The last generated token is not in the cache yet when it is returned.
-    total = math.ceil((prompt_len + max(0, generated - 1)) / BLOCK_SIZE)
+    computed = prompt_len + max(0, generated - 1)
+    total = math.ceil(computed / BLOCK_SIZE)
     if not ratios:
         return float(total)
-    full = prompt_len // BLOCK_SIZE
-    per_layer = [kept_prompt_blocks(prompt_len, r, BLOCK_SIZE, sink, recent) + total - full for r in ratios]
-    return sum(per_layer) / len(per_layer)
+    layout = PagedLayout(BLOCK_SIZE, sink=1, recent=64, decode=decode, interval=128)
+    start, _ = live_blocks(prompt_len, computed, np.array(ratios), layout)
+    return float(np.mean(total - np.asarray(start)))
 
 
 def _ratios_from_log(log: str) -> list[float] | None:
@@ -178,16 +185,18 @@ def _capacity_from_log(log: str) -> int | None:
 
 
 def config_name(config: dict) -> str:
-    return "stock (none)" if config["policy"] == "none" else f"{config['policy']}@{config['budget']:g}"
+    if config["policy"] == "none":
+        return "stock (none)"
+    return f"{config['policy']}@{config['budget']:g} decode {config['decode']}"
 
 
 def config_args(config: dict, scorer: str) -> list[str]:
     if config["policy"] == "none":
         return []
-    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-scorer", scorer]
+    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-scorer", scorer, "--kv-decode", config["decode"]]
 
 
-def summarize_decode(load: dict, prompts: list[list[int]], ratios, pool_blocks: int | None) -> dict:
+def summarize_decode(load: dict, prompts: list[list[int]], ratios, pool_blocks: int | None, decode: str) -> dict:
     """Usage while every request decodes (after its first token, before any finished)."""
     decode = [s for s in load["samples"] if s["usage"] is not None and min(s["progress"]) >= 2 and not any(s["finished"])]
     usages = [s["usage"] for s in decode]
@@ -203,7 +212,9 @@ def summarize_decode(load: dict, prompts: list[list[int]], ratios, pool_blocks: 
         "errors": load["errors"],
     }
     if decode and pool_blocks:
-        predicted = [sum(expected_blocks(len(p), g, ratios) for p, g in zip(prompts, s["progress"])) / pool_blocks for s in decode]
+        predicted = [
+            sum(expected_blocks(len(p), g, ratios, decode) for p, g in zip(prompts, s["progress"])) / pool_blocks for s in decode
+        ]
         result["decode_usage_predicted_mean"] = sum(predicted) / len(predicted)
     return result
 
@@ -245,8 +256,8 @@ def markdown(results: list[dict], header: str) -> str:
             "",
             "`vllm:kv_cache_usage_perc` (share of the KV pool in use). *Peak* includes prefill, when a prompt still holds "
             "all its blocks; *decoding* = samples taken while every request had streamed at least 2 tokens and none had "
-            "finished. *Predicted* = the block arithmetic (`kept_prompt_blocks` per layer + tail block + generated "
-            "tokens) at each sample's progress. *After* = usage once every request finished (0: no leaked blocks).",
+            "finished. *Predicted* = the block arithmetic (`policy.paged.live_blocks` per layer: the live run of "
+            "blocks after the prompt compaction and the decode rounds) at each sample's progress. *After* = usage once every request finished (0: no leaked blocks).",
             "",
             "| config | peak usage | decoding: mean | decoding: max | predicted (mean) | decoding mean vs stock | samples | after | wall s | other jobs' CPU |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -350,7 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--scorer", default="window", help="--kv-scorer for every plugin configuration")
     parser.add_argument("--concurrent", type=int, default=4, help="part 1: requests at once")
     parser.add_argument("--prompt-tokens", type=int, default=2000, help="part 1: tokens per prompt")
-    parser.add_argument("--decode-tokens", type=int, default=96, help="part 1: tokens decoded per request")
+    parser.add_argument("--decode-tokens", type=int, default=512, help="part 1: tokens decoded per request")
+    parser.add_argument("--decode", nargs="+", default=["fifo", "off"], choices=["fifo", "scored", "off"], help="--kv-decode modes for every plugin configuration")
     parser.add_argument("--pressure-budget", type=float, default=0.2, help="part 2: budget compared with stock")
     parser.add_argument("--pressure-policies", nargs="*", default=["uniform", "prefixkv"], help="part 2: policies at that budget (empty: skip part 2)")
     parser.add_argument("--pressure-requests", type=int, default=32)
@@ -386,7 +398,7 @@ def main(argv=None) -> int:
     configs = [{"policy": "none"}]
     for budget in sorted(set(args.budgets) | ({args.pressure_budget} if args.pressure_policies else set())):
         for policy in args.policies + [p for p in args.pressure_policies if p not in args.policies]:
-            configs.append({"policy": policy, "budget": budget})
+            configs.extend({"policy": policy, "budget": budget, "decode": decode} for decode in args.decode)
     results = []
     stock_pool_blocks = None
     for config in configs:
@@ -413,7 +425,7 @@ def main(argv=None) -> int:
                 if in_decode:
                     load = run_load(server, decode_prompts, args.decode_tokens, args.poll)
                     row["decode_load"] = load
-                    row["decode"] = summarize_decode(load, decode_prompts, row["ratios"], stock_pool_blocks)
+                    row["decode"] = summarize_decode(load, decode_prompts, row["ratios"], stock_pool_blocks, config.get("decode", "off"))
                     d = row["decode"]
                     print(
                         f"[memory] {name}: decode usage mean {d['decode_usage_mean']:.1%} (predicted "
@@ -450,7 +462,8 @@ def main(argv=None) -> int:
             f"prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} (the same pool in bytes for every configuration), "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
             "- Model: SmolLM2-135M-Instruct demo checkpoint (30 layers, 3 KV heads of 64: 46 KiB of fp32 KV per token)",
-            f"- Plugin: `--kv-scorer {args.scorer}`, sink 1, recent 1; `prefixkv` ratios calibrated at start-up (cached)",
+            f"- Plugin: `--kv-scorer {args.scorer}`, sink 1, recent 64, decode rounds every 128 tokens; `prefixkv` ratios "
+            "calibrated at start-up (cached)",
             f"- Part 1: {args.concurrent} prompts of {min(map(len, decode_prompts))}-{max(map(len, decode_prompts))} tokens "
             f"sent at once, {args.decode_tokens} tokens decoded each (`ignore_eos`), `/metrics` polled every {args.poll} s",
             f"- Part 2: {args.pressure_requests} prompts of {min(map(len, pressure_prompts))}-{max(map(len, pressure_prompts))} tokens "

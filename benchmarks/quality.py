@@ -91,20 +91,24 @@ def config_name(config: dict) -> str:
     if config["policy"] == "none":
         return "full cache"
     scorer = "recency" if config["policy"] == "streaming" else config["scorer"]
-    return f"{config['policy']}/{scorer}@{config['budget']:g}"
+    decode = f" decode {config['decode']}" if "decode" in config else ""
+    return f"{config['policy']}/{scorer}@{config['budget']:g}{decode}"
 
 
-def configurations(budgets, policies, scorers, recent=1) -> list[dict]:
+def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",)) -> list[dict]:
     configs = [{"policy": "none"}]
     for budget in budgets:
         for policy in policies:
             for scorer in ["recency"] if policy == "streaming" else scorers:
-                config = {"policy": policy, "budget": budget}
-                if recent != 1:
-                    config["recent"] = recent
-                if policy != "streaming":
-                    config["scorer"] = scorer
-                configs.append(config)
+                for decode in decode_modes:
+                    config = {"policy": policy, "budget": budget}
+                    if recent != 1:
+                        config["recent"] = recent
+                    if policy != "streaming":
+                        config["scorer"] = scorer
+                    if len(decode_modes) > 1 or decode != "fifo":
+                        config["decode"] = decode
+                    configs.append(config)
     return configs
 
 
@@ -112,6 +116,8 @@ def additional_config(config: dict) -> dict:
     if config["policy"] == "none":
         return {}
     extra = {"kv_policy": config["policy"], "kv_budget": config["budget"], "kv_recent": config.get("recent", 1)}
+    if "decode" in config:
+        extra["kv_decode"] = config["decode"]
     if "scorer" in config:
         extra["kv_scorer"] = config["scorer"]
     return extra
@@ -304,7 +310,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
-    parser.add_argument("--resume", action="store_true", help="reuse configurations already in OUT_DIR/quality.json with the same prompts")
+    parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"], help="--kv-decode modes (compare them with a --max-new-tokens above the 128-token round interval)")
+    parser.add_argument("--kinds", nargs="+", help="only these prompt kinds (benchmarks/prompts.py KINDS), e.g. summary for long outputs")
+    parser.add_argument("--stem", default="quality", help="output file names: STEM.md, STEM.json, STEM.png")
+    parser.add_argument("--resume", action="store_true", help="reuse configurations already in OUT_DIR/STEM.json with the same prompts")
     # internal: one configuration in a child process
     parser.add_argument("--run-config", help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -329,10 +338,11 @@ def main(argv=None) -> int:
     prompts = [
         {"kind": p.kind, "needle": p.needle, "depth": p.depth, "source": p.source, "prompt_token_ids": p.prompt_token_ids}
         for p in build_prompts(tokenizer, args.num_prompts, args.min_tokens, args.max_tokens, seed=args.seed)
+        if not args.kinds or p.kind in args.kinds
     ]
     prompts_file = args.log_dir / "quality-prompts.json"
     prompts_file.write_text(json.dumps(prompts))
-    json_path = args.out_dir / "quality.json"
+    json_path = args.out_dir / f"{args.stem}.json"
     previous = {}
     if args.resume and json_path.exists():
         saved = json.loads(json_path.read_text())
@@ -340,7 +350,7 @@ def main(argv=None) -> int:
         if same:
             previous = {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r}
     results = []
-    for config in configurations(args.budgets, args.policies, args.scorers, args.recent):
+    for config in configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode):
         key = json.dumps(config, sort_keys=True)
         if key in previous:
             print(f"[quality] {config_name(config)}: reused from {json_path}", flush=True)
@@ -386,7 +396,7 @@ def main(argv=None) -> int:
     table = markdown(rows, prompts, args, header)
     if plans:
         table += "\nPer-layer keep ratios used by `prefixkv` (from the start-up log):\n\n" + "\n".join(f"- `{p}`" for p in plans) + "\n"
-    (args.out_dir / "quality.md").write_text(table)
+    (args.out_dir / f"{args.stem}.md").write_text(table)
     json_path.write_text(
         json.dumps(
             {
@@ -400,7 +410,7 @@ def main(argv=None) -> int:
             indent=1,
         )
     )
-    plot(rows, args.out_dir / "quality.png", args.budgets)
+    plot(rows, args.out_dir / f"{args.stem}.png", args.budgets)
     print(table)
     return 0
 

@@ -9,9 +9,9 @@ is polled for KV usage, requests running and preemptions.
 
 Reported per shape: output tok/s and its ratio to stock *in the same run*,
 request/s, TTFT and TPOT p50/p99, most requests running at once, preemptions, KV
-usage while decoding (mean) against the block arithmetic's prediction for the
-requests' progress at each sample (``policy.paged``), usage after the load, and
-Amdahl's bound: stock's time over the time stock needs for the same prompts
+usage (mean while nothing waits, and peak; ``benchmarks/memory.py`` checks usage
+against the block arithmetic, where each request's progress is known), usage
+after the load, and Amdahl's bound: stock's time over the time stock needs for the same prompts
 with one output token each (the prefill share), i.e. the most any KV compression
 can gain while prefill is unchanged.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import subprocess
 import sys
@@ -74,28 +73,6 @@ def bench(server: ServerProcess, model: str, input_len: int, output_len: int, nu
     return json.loads((result_dir / f"{name}.json").read_text())
 
 
-def predicted_usage(log: str, input_len: int, samples: list, output_len: int, pool_blocks: int) -> float | None:
-    """Mean usage the block arithmetic predicts over the decode samples, from each sample's generated-token count."""
-    import numpy as np
-
-    from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
-
-    match = re.search(r"keep ratios per layer: ([\d. ]+);", log)
-    settings = re.search(r"decode=(\w+) \(every (\d+) tokens\)", log)
-    if not match or not settings or not samples:
-        return None
-    ratios = np.array([float(r) for r in match.group(1).split()])
-    layout = PagedLayout(BLOCK_SIZE, sink=1, recent=64, decode=settings.group(1), interval=int(settings.group(2)))
-    values = []
-    for sample in samples:
-        running, generated = sample["running"], sample["generated"]
-        computed = input_len + max(0, min(generated, output_len) - 1)
-        start, _ = live_blocks(input_len, computed, ratios, layout)
-        per_request = (math.ceil((computed + 1) / BLOCK_SIZE) - np.asarray(start)).sum()
-        values.append(running * per_request / pool_blocks)
-    return float(np.mean(values))
-
-
 def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
     input_len, output_len, num_prompts = shape
     serve_args = ["--max-model-len", str(input_len + output_len + 64), *SERVE_ARGS]
@@ -116,12 +93,12 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
         log = server.log()
     capacity = re.search(r"KV cache size: ([\d,]+) tokens", log)
     pool_blocks = int(capacity.group(1).replace(",", "")) // BLOCK_SIZE if capacity else None
-    decode_samples = []
-    for s in samples:
-        running = s.get("vllm:num_requests_running", 0)
-        generated = s.get("vllm:generation_tokens_total", 0)
-        if running == num_prompts:  # everyone admitted and decoding: progress is shared evenly
-            decode_samples.append({"usage": s.get("vllm:kv_cache_usage_perc"), "running": running, "generated": generated / num_prompts})
+    # While requests decode (some generated, nothing waiting): the pool's steady state.
+    decoding = [
+        s["vllm:kv_cache_usage_perc"]
+        for s in samples
+        if s.get("vllm:num_requests_running") and not s.get("vllm:num_requests_waiting") and s.get("vllm:generation_tokens_total")
+    ]
     first = samples[0] if samples else {}
     return {
         "config": config_name(config),
@@ -135,8 +112,8 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
         "completed": result["completed"],
         "max_running": max((s.get("vllm:num_requests_running", 0) for s in samples), default=0),
         "preemptions": after.get("vllm:num_preemptions_total", 0) - first.get("vllm:num_preemptions_total", 0),
-        "decode_usage_mean": sum(s["usage"] for s in decode_samples) / len(decode_samples) if decode_samples else None,
-        "decode_usage_predicted": predicted_usage(log, input_len, decode_samples, output_len, pool_blocks) if pool_blocks else None,
+        "usage_mean": sum(decoding) / len(decoding) if decoding else None,
+        "usage_max": max((s.get("vllm:kv_cache_usage_perc", 0) for s in samples), default=None),
         "usage_after": after.get("vllm:kv_cache_usage_perc"),
         "pool_tokens": pool_blocks * BLOCK_SIZE if pool_blocks else None,
     }
@@ -154,14 +131,12 @@ def markdown(rows: list[dict], header: str) -> str:
             lines += [f"Prefill share of stock's time: {prefill['duration_s']:.1f} s of {stock['duration_s']:.1f} s "
                       f"({100 / bound:.0f}%); Amdahl's bound on any KV compression's gain: {bound:.2f}x.", ""]  # fmt: skip
         lines += [
-            "| config | duration | output tok/s | vs stock | req/s | TTFT p50 / p99 | TPOT p50 / p99 | max running | preemptions | KV usage decoding (predicted) | after |",
+            "| config | duration | output tok/s | vs stock | req/s | TTFT p50 / p99 | TPOT p50 / p99 | max running | preemptions | KV usage mean / max | after |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in shape_rows:
             ratio = f"{r['output_tok_s'] / stock['output_tok_s']:.2f}x" if stock else "-"
-            usage = "-" if r["decode_usage_mean"] is None else f"{100 * r['decode_usage_mean']:.1f}%"
-            if r["decode_usage_predicted"] is not None:
-                usage += f" ({100 * r['decode_usage_predicted']:.1f}%)"
+            usage = "-" if r["usage_mean"] is None else f"{100 * r['usage_mean']:.0f}% / {100 * r['usage_max']:.0f}%"
             lines.append(
                 f"| {r['config']} | {r['duration_s']:.1f} s | {r['output_tok_s']:.1f} | {ratio} | {r['request_s']:.3f} | "
                 f"{r['ttft_p50_ms'] / 1000:.1f} / {r['ttft_p99_ms'] / 1000:.1f} s | {r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f} ms | "

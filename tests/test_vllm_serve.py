@@ -112,14 +112,14 @@ def test_start_up_log_reports_ratios_and_saving(compressed):
     assert len(set(ratios)) > 1  # per-layer, not uniform
 
 
-def _usage_while_decoding(server) -> tuple[float, list[str]]:
+def _usage_while_decoding(server, max_tokens=40, after=6) -> tuple[float, list[str]]:
     samples = []
 
     def sample(progress):
-        if min(progress) >= 6:  # every request is past prefill and decoding
+        if min(progress) >= after:  # every request is past prefill (and `after` tokens into decoding)
             samples.append(server.metric("vllm:kv_cache_usage_perc"))
 
-    answers = concurrent_streams(server, LONG_PROMPTS, max_tokens=40, on_progress=sample, ignore_eos=True)
+    answers = concurrent_streams(server, LONG_PROMPTS, max_tokens=max_tokens, on_progress=sample, ignore_eos=True)
     assert samples, "no /metrics sample was taken while all requests decoded"
     return max(samples), answers
 
@@ -134,6 +134,16 @@ def test_kv_usage_drops_while_long_prompts_decode(stock, compressed):
     assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0  # every block back in the pool
 
 
+def test_decode_time_eviction_keeps_long_generations_at_budget(stock, compressed):
+    # ~1.3k-token prompts generating 600 tokens: with every generated token kept, the
+    # compressed server would hold 0.2 x prompt + 600 tokens per layer (about 0.5x stock).
+    stock_usage, _ = _usage_while_decoding(stock, max_tokens=600, after=500)
+    compressed_usage, answers = _usage_while_decoding(compressed, max_tokens=600, after=500)
+    assert compressed_usage <= 0.3 * stock_usage, (compressed_usage, stock_usage)
+    assert all(len(answer.split()) >= 50 for answer in answers)
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
+
+
 def test_compressed_answers_stay_coherent(compressed):
     answer = compressed.chat(document(100) + "\nIgnore the list above. What is the capital of France?")
     assert "Paris" in answer["choices"][0]["message"]["content"]
@@ -144,16 +154,28 @@ def test_compressed_answers_stay_coherent(compressed):
     assert "Paris" in tighter["choices"][0]["message"]["content"]
 
 
+MIXED_PROMPTS = [document(items, offset=i) + "\nSummarize the list." for i, items in enumerate([3, 90, 10, 110, 60, 120, 25, 100, 5, 80])]
+# uniform keeps one KV-cache group: 136 blocks of 32 tokens hold 4352 tokens, well under the load.
+SMALL_POOL = ("--kv-policy", "uniform", "--kv-budget", "0.2", "--num-gpu-blocks-override", "136", "--max-model-len", "4096")
+
+
 def test_mixed_load_with_preemption_completes_without_leaks(model, log_dir):
-    # uniform keeps one KV-cache group: 136 blocks of 32 tokens hold 4352 tokens, well under the load.
-    args = ("--kv-policy", "uniform", "--kv-budget", "0.2", "--num-gpu-blocks-override", "136", "--max-model-len", "4096")
-    with serve(model, *args, log_dir=log_dir) as server:
-        prompts = [document(items, offset=i) + "\nSummarize the list." for i, items in enumerate([3, 90, 10, 110, 60, 120, 25, 100, 5, 80])]
-        answers = concurrent_streams(server, prompts, max_tokens=320, ignore_eos=True)
+    # vLLM's own admission over-admits, so requests preempt each other and resume past
+    # their decode rounds (the catch-up compaction).
+    with serve(model, *SMALL_POOL, "--kv-admission", "stock", log_dir=log_dir) as server:
+        answers = concurrent_streams(server, MIXED_PROMPTS, max_tokens=320, ignore_eos=True)
         assert all(len(a.split()) >= 5 for a in answers)
         assert server.metric("vllm:num_preemptions_total") > 0, "the load did not preempt; make it heavier"
         assert server.metric("vllm:kv_cache_usage_perc") == 0.0
         assert "Paris" in server.chat("What is the capital of France?")["choices"][0]["message"]["content"]
+
+
+def test_compression_aware_admission_never_preempts(model, log_dir):
+    with serve(model, *SMALL_POOL, log_dir=log_dir) as server:
+        answers = concurrent_streams(server, MIXED_PROMPTS, max_tokens=320, ignore_eos=True)
+        assert all(len(a.split()) >= 5 for a in answers)
+        assert server.metric("vllm:num_preemptions_total") == 0
+        assert server.metric("vllm:kv_cache_usage_perc") == 0.0
 
 
 def test_aborted_stream_frees_its_blocks(compressed):

@@ -157,9 +157,9 @@ def _wrap_model_runner() -> None:
     import numpy as np
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from .backends.core import publish_device_starts
     from .request_options import budget_of
     from .startup import layer_specs
-    from .backends.core import publish_device_starts
     from .worker_state import STORE, BatchInfo, publish_batch
 
     original_specs = GPUModelRunner.get_kv_cache_spec
