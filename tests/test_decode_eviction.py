@@ -172,4 +172,39 @@ def test_device_starts_match_the_host_path():
     published = publish_device_starts(batch, [spec], computed, "cpu")
     device = plan_step(spec, policy, published, qsl, seq_lens, table)
     assert torch.equal(host.block_table, device.block_table) and torch.equal(host.seq_lens, device.seq_lens)
+    assert published.device_starts[spec.prefixkv_settings][0].tolist() == [live_blocks(64, 104, 0.25, spec.layout)[0], 0] == [8, 0]
     assert host.seq_lens[0] < 105 and host.seq_lens[1] == 11
+
+
+class TestAdmission:
+    def admission(self, ratios, running):
+        from types import SimpleNamespace
+
+        from prefixkv_vllm.vllm_adapter.admission import Admission
+
+        groups = [SimpleNamespace(kv_cache_spec=layer_spec(r, "fifo", budget=float(np.mean(ratios)))) for r in ratios]
+        return Admission(SimpleNamespace(kv_cache_groups=groups), running, max_model_len=4096)
+
+    @staticmethod
+    def request(name, prompt, max_tokens, computed=0):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(request_id=name, num_prompt_tokens=prompt, max_tokens=max_tokens, num_computed_tokens=computed)
+
+    def test_reserves_the_running_requests_growth_and_the_newcomers_peak(self):
+        running = [self.request("a", 200, 400, computed=210)]
+        admission = self.admission([0.1, 0.3], running)
+        layout = admission.layout
+        newcomer = self.request("b", 100, 50)
+        a_peak = peak_live_blocks(200, 600, np.array([0.1, 0.3]), layout)
+        a_held = sum(math.ceil(210 / BLOCK) - live_blocks(200, 210, r, layout)[0] for r in (0.1, 0.3))
+        b_peak = peak_live_blocks(100, 150, np.array([0.1, 0.3]), layout)
+        assert admission.reserved_for(newcomer, 100) == (a_peak - a_held) + max(0, b_peak - 2 * math.ceil(100 / BLOCK))
+        running[0].num_computed_tokens = 590  # further along: less left to grow
+        assert admission.reserved_for(newcomer, 100) < (a_peak - a_held) + max(0, b_peak - 2 * math.ceil(100 / BLOCK))
+
+    def test_compression_lowers_the_reservation(self):
+        compressed = self.admission([0.2, 0.2], [self.request("a", 1024, 512)])
+        whole = self.admission([1.0, 1.0], [self.request("a", 1024, 512)])
+        newcomer = self.request("b", 1024, 512)
+        assert compressed.reserved_for(newcomer, 1024) < 0.5 * whole.reserved_for(newcomer, 1024)

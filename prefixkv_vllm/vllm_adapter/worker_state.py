@@ -28,7 +28,7 @@ class BatchInfo:
     req_ids: list[str]
     prompt_lens: np.ndarray  # int64 [num_reqs]
     request_budgets: np.ndarray | None = None  # float [num_reqs]: a request's own kv_budget, NaN for the server's
-    # Each PrefixKV group's live-run start per row for this step, on the device, keyed
+    # Each PrefixKV group's live-run start per row for this step, (host, device), keyed
     # by the spec's settings: one pinned host-to-device copy per step for all groups.
     device_starts: dict | None = None
 

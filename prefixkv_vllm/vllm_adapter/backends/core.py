@@ -125,11 +125,12 @@ def publish_device_starts(batch: BatchInfo, specs, computed: np.ndarray, device)
     if not settings or len(computed) == 0:
         return batch
     by_settings = {spec.prefixkv_settings: spec for spec in specs if isinstance(spec, PrefixKVAttentionSpec)}
-    host = torch.from_numpy(np.stack([live_starts(by_settings[k], batch, computed) for k in settings]).astype(np.int32))
+    starts = np.stack([live_starts(by_settings[k], batch, computed) for k in settings])
+    host = torch.from_numpy(starts.astype(np.int32))
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     on_device = host.to(device, non_blocking=True)
-    return dataclasses.replace(batch, device_starts={k: on_device[i] for i, k in enumerate(settings)})
+    return dataclasses.replace(batch, device_starts={k: (starts[i], on_device[i]) for i, k in enumerate(settings)})
 
 
 def plan_step(
@@ -174,8 +175,10 @@ def plan_step(
 
     effective_seq_lens, effective_table = seq_lens, block_table
     if start_before.any():
-        device_starts = (batch.device_starts or {}).get(spec.prefixkv_settings)
-        if device_starts is None or device_starts.shape[0] < num_reqs:
+        published = (batch.device_starts or {}).get(spec.prefixkv_settings)
+        if published is not None and np.array_equal(published[0][:num_reqs], start_before):
+            device_starts = published[1]
+        else:  # rows the runner's counts did not describe (e.g. padding): this group's own copy
             device_starts = torch.from_numpy(start_before.astype(np.int32)).to(block_table.device)
         shift = device_starts[:num_reqs].to(block_table.dtype)
         columns = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
