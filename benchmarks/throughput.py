@@ -37,7 +37,12 @@ from prefixkv_vllm.tools.server import VLLM, ServerProcess, vllm_server, vllm_ve
 
 BLOCK_SIZE = 32
 SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]
-SHAPES = {"1024+512": (1024, 512, 48), "256+2048": (256, 2048, 32), "2048+128": (2048, 128, 32)}
+# input tokens, output tokens, requests, KV pool bytes (the sizes the issue measured stock with)
+SHAPES = {
+    "1024+512": (1024, 512, 48, 1 << 30),
+    "256+2048": (256, 2048, 32, 589_824_000),
+    "2048+128": (2048, 128, 32, 1 << 30),
+}
 
 
 def config_name(config: dict) -> str:
@@ -74,9 +79,9 @@ def bench(server: ServerProcess, model: str, input_len: int, output_len: int, nu
 
 
 def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
-    input_len, output_len, num_prompts = shape
+    input_len, output_len, num_prompts, pool_bytes = shape
     serve_args = ["--max-model-len", str(input_len + output_len + 64), *SERVE_ARGS]
-    serve_args += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes), *config_args(config)]
+    serve_args += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes or pool_bytes), *config_args(config)]
     output_len = config.get("output_len", output_len)
     name = re.sub(r"[^A-Za-z0-9.+-]", "-", f"{config_name(config)}-{input_len}+{output_len}")
     with vllm_server(model, serve_args, log_path=log_dir / f"{name}.log", timeout=1200) as server:
@@ -116,6 +121,7 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
         "usage_max": max((s.get("vllm:kv_cache_usage_perc", 0) for s in samples), default=None),
         "usage_after": after.get("vllm:kv_cache_usage_perc"),
         "pool_tokens": pool_blocks * BLOCK_SIZE if pool_blocks else None,
+        "pool_bytes": args.kv_cache_bytes or pool_bytes,
     }
 
 
@@ -125,7 +131,8 @@ def markdown(rows: list[dict], header: str) -> str:
         shape_rows = [r for r in rows if r["shape"] == shape and not r.get("prefill_only")]
         stock = next((r for r in shape_rows if r["config"] == "stock"), None)
         prefill = next((r for r in rows if r.get("prefill_only") and r["shape"] == shape), None)
-        lines += [f"### {shape} ({shape_rows[0]['completed']} requests)", ""]
+        pool = shape_rows[0]["pool_bytes"]
+        lines += [f"### {shape} ({shape_rows[0]['completed']} requests, KV pool {pool / 2**20:.0f} MiB = {shape_rows[0]['pool_tokens']:,} tokens for stock)", ""]
         if stock and prefill:
             bound = stock["duration_s"] / prefill["duration_s"]
             lines += [f"Prefill share of stock's time: {prefill['duration_s']:.1f} s of {stock['duration_s']:.1f} s "
@@ -170,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", nargs="+", default=["prefixkv", "uniform"], choices=["prefixkv", "uniform", "streaming"])
     parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"])
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
-    parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30, help="the KV pool of every server (default 1 GiB)")
+    parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
     parser.add_argument("--quick", action="store_true", help="a small shape for the test suite")
     parser.add_argument("--poll", type=float, default=0.5)
@@ -180,11 +187,11 @@ def main(argv=None) -> int:
     from prefixkv_vllm.tools.demo_model import demo_model_path
 
     model = str(demo_model_path())
-    shapes = {"256+128": (256, 128, 8)} if args.quick else {k: SHAPES[k] for k in args.shapes}
+    shapes = {"256+128": (256, 128, 8, 64 << 20)} if args.quick else {k: SHAPES[k] for k in args.shapes}
     if args.num_prompts:
-        shapes = {k: (i, o, args.num_prompts) for k, (i, o, _) in shapes.items()}
+        shapes = {k: (i, o, args.num_prompts, pool) for k, (i, o, _, pool) in shapes.items()}
     if args.quick:
-        args.budgets, args.policies, args.kv_cache_bytes = [0.2], ["uniform"], 64 << 20
+        args.budgets, args.policies = [0.2], ["uniform"]
     configs = [{"policy": "none"}] + [
         {"policy": p, "budget": b, "decode": d} for b in args.budgets for p in args.policies for d in args.decode
     ]
@@ -196,13 +203,14 @@ def main(argv=None) -> int:
             if not args.no_amdahl:
                 row = run_config(model, {"policy": "none", "output_len": 1}, shape, args, Path(result_dir), args.log_dir)
                 rows.append({**row, "shape": f"{shape[0]}+{shape[1]}", "prefill_only": True})
+                print(json.dumps(rows[-1]), flush=True)
             for config in configs:
                 rows.append(run_config(model, config, shape, args, Path(result_dir), args.log_dir))
                 print(json.dumps(rows[-1]), flush=True)
     header = (
-        f"# Throughput: demo model, {vllm_version()}, fp32, block size {BLOCK_SIZE}, KV pool "
-        f"{args.kv_cache_bytes / 2**20:.0f} MiB for every server, `vllm bench serve` random dataset, "
-        f"--ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})"
+        f"# Throughput: demo model, {vllm_version()}, fp32, block size {BLOCK_SIZE}, the same KV pool for every server "
+        f"of a shape, `vllm bench serve` random dataset, --ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})\n\n"
+        f"Command: `python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
     stem = "throughput-quick" if args.quick else "throughput"
     (args.out_dir / f"{stem}.md").write_text(markdown(rows, header) + "\n")
