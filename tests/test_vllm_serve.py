@@ -92,7 +92,6 @@ def test_request_budget_one_reproduces_stock_on_a_compressing_server(stock, comp
     [
         ({"kv_budget": 1.5}, "kv_budget must be a number in (0, 1], got 1.5"),
         ({"kv_budget": "half"}, "kv_budget must be a number in (0, 1], got 'half'"),
-        ({"kv_budgte": 0.5}, "unknown per-request PrefixKV option 'kv_budgte'"),
     ],
 )
 def test_bad_request_budget_gets_400_and_the_server_keeps_serving(compressed, xargs, message):
@@ -103,8 +102,35 @@ def test_bad_request_budget_gets_400_and_the_server_keeps_serving(compressed, xa
     assert "Paris" in compressed.chat("What is the capital of France?")["choices"][0]["message"]["content"]
 
 
-def test_start_up_log_reports_ratios_and_saving(compressed):
+def test_keys_we_do_not_own_pass_through(compressed):
+    # vLLM's own kv_transfer_params (KV connectors) and other plugins' kv_* keys.
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    body.update(kv_transfer_params={"do_remote_prefill": False}, vllm_xargs={"kv_other_plugin": 1})
+    response = requests.post(f"{compressed.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def _kv_pool_tokens(server) -> int:
+    line = next(line for line in server.log().splitlines() if "KV cache size:" in line)
+    return int(line.split("KV cache size:")[1].split("tokens")[0].replace(",", ""))
+
+
+def test_installed_without_a_policy_is_stock(model, log_dir, stock):
+    # No VLLM_PLUGINS allow-list, so vLLM loads the plugin in every process; only no --kv-policy.
+    with serve(model, log_dir=log_dir) as off:
+        assert "PrefixKV" not in off.log()
+        assert _kv_pool_tokens(off) == _kv_pool_tokens(stock)
+        for prompt in CHAT_PROMPTS[2:4]:
+            expected = [t["token"] for t in stock.chat(prompt, logprobs=True)["choices"][0]["logprobs"]["content"]]
+            got = off.chat(prompt, logprobs=True, kv_transfer_params={"do_remote_prefill": False})
+            assert [t["token"] for t in got["choices"][0]["logprobs"]["content"]] == expected, prompt[:60]
+        # Without a policy the plugin does not read requests: kv_budget is an opaque extra arg, as in stock vLLM.
+        assert off.chat("Hi", max_tokens=4, vllm_xargs={"kv_budget": 7})["choices"]
+
+
+def test_start_up_log_reports_ratios_saving_and_backend(compressed):
     log = compressed.log()
+    assert "PrefixKV: 30 compressed layers run prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend" in log
     assert "PrefixKV: policy=prefixkv budget=0.2" in log
     line = next(line for line in log.splitlines() if "keep ratios per layer" in line)
     ratios = [float(r) for r in line.split("keep ratios per layer: ")[1].split(";")[0].split()]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,7 +48,11 @@ def current_batch() -> BatchInfo | None:
 
 
 class ScoreStore:
-    """Accumulated attention ``[Hkv, P]`` per (request, layer) until the prompt is compacted."""
+    """Accumulated attention ``[Hkv, P]`` per (request, layer) until the prompt is compacted.
+
+    The model runner's state update reports finished and preempted requests
+    (``plugin``), which are dropped here.
+    """
 
     def __init__(self) -> None:
         self._scores: dict[str, dict[str, torch.Tensor]] = {}
@@ -69,10 +73,15 @@ class ScoreStore:
             del self._scores[req_id]
         return scores
 
-    def retain(self, live_req_ids) -> None:
-        """Drop the scores of requests that finished, were aborted or were preempted."""
-        for req_id in [r for r in self._scores if r not in live_req_ids]:
-            del self._scores[req_id]
+    def drop(self, req_ids) -> None:
+        """Forget requests that finished, were aborted or were preempted.
+
+        Only those: a request left out of one step (a partial prefill that got no
+        tokens under the token or encoder budget) resumes its prompt later and needs
+        what it accumulated so far.
+        """
+        for req_id in req_ids:
+            self._scores.pop(req_id, None)
 
     def __len__(self) -> int:
         return len(self._scores)
