@@ -13,6 +13,7 @@ import requests
 pytest.importorskip("vllm")
 
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
+from prefixkv_vllm.tools.soak import SoakSpec, run_soak  # noqa: E402
 
 from .vllm_server import concurrent_streams, run_startup_failure, serve  # noqa: E402
 
@@ -170,16 +171,26 @@ def test_compressed_answers_stay_coherent(compressed):
     assert "Paris" in tighter["choices"][0]["message"]["content"]
 
 
-def test_mixed_load_with_preemption_completes_without_leaks(model, log_dir):
-    # uniform keeps one KV-cache group: 136 blocks of 32 tokens hold 4352 tokens, well under the load.
-    args = ("--kv-policy", "uniform", "--kv-budget", "0.2", "--num-gpu-blocks-override", "136", "--max-model-len", "4096")
-    with serve(model, *args, log_dir=log_dir) as server:
-        prompts = [document(items, offset=i) + "\nSummarize the list." for i, items in enumerate([3, 90, 10, 110, 60, 120, 25, 100, 5, 80])]
-        answers = concurrent_streams(server, prompts, max_tokens=320, ignore_eos=True)
-        assert all(len(a.split()) >= 5 for a in answers)
-        assert server.metric("vllm:num_preemptions_total") > 0, "the load did not preempt; make it heavier"
-        assert server.metric("vllm:kv_cache_usage_perc") == 0.0
-        assert "Paris" in server.chat("What is the capital of France?")["choices"][0]["message"]["content"]
+# prefixkv keeps one KV-cache group per layer: 3300 one-layer blocks of 32 tokens hold
+# 3520 tokens, well under the load; a token budget of 512 splits prompts into chunks.
+SOAK_ARGS = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--num-gpu-blocks-override", "3300")
+SOAK_ARGS += ("--max-model-len", "3000", "--max-num-batched-tokens", "512")
+SOAK_CI = SoakSpec(requests=32, max_prompt_tokens=2000, max_decode_tokens=128)
+
+
+def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, stock):
+    # Full size: python benchmarks/soak.py (figures in benchmarks/results/soak.md).
+    with serve(model, *SOAK_ARGS, log_dir=log_dir) as server:
+        report = run_soak(server.base_url, SOAK_CI)
+        assert report["failures"] == [], report["failures"][:3]
+        assert report["completed"] == report["expected_completed"], report  # aborts stopped their requests
+        assert report["aborted_before_first_token"] > 0, report
+        assert report["preemptions"] > 0, f"the load did not preempt; make it heavier: {report}"
+        assert report["kv_usage_after"] == 0.0, report
+        for prompt in CHAT_PROMPTS[3:5]:
+            expected = [t["token"] for t in stock.chat(prompt, logprobs=True)["choices"][0]["logprobs"]["content"]]
+            whole = server.chat(prompt, logprobs=True, vllm_xargs={"kv_budget": 1.0})["choices"][0]
+            assert [t["token"] for t in whole["logprobs"]["content"]] == expected, prompt[:60]
 
 
 def test_aborted_stream_frees_its_blocks(compressed):
@@ -204,6 +215,8 @@ def test_aborted_stream_frees_its_blocks(compressed):
         (("--kv-policy", "prefixkv", "--kv-profile", "/nonexistent/profile.json"), "prefixkv: error: --kv-profile /nonexistent/profile.json: cannot read profile"),
         (("--kv-policy", "prefixkv", "--kv-tiers", "7"), "prefixkv: error: --kv-tiers 7 must divide the model's 30 layers evenly"),
         (("--kv-policy", "uniform", "--kv-cache-dtype", "fp8"), "prefixkv: error: PrefixKV does not support quantized KV caches (--kv-cache-dtype fp8)"),
+        (("--kv-policy", "uniform", "--attention-backend", "FLASH_ATTN"), "prefixkv: error: PrefixKV runs its own attention backend (CUSTOM, wrapping the stock one); drop --attention-backend FLASH_ATTN"),
+        (("--kv-policy", "uniform", "--kv-transfer-config", '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}'), "prefixkv: error: PrefixKV does not support KV connectors (--kv-transfer-config)"),
     ],
 )
 def test_bad_settings_fail_at_start_up_with_one_line(model, log_dir, args, message):
