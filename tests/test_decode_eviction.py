@@ -79,7 +79,7 @@ class TestLayout:
 
 def simulate(prompt_len, new_tokens, decode, ratio=0.25, chunk=None, per_kv_head=False, request_budget=None, seed=0):
     """Runs one request through prefill (in chunks) and decoding; returns the tags of the live tokens per step."""
-    STORE.drop("r")
+    STORE.drop(["r"])
     gen = torch.Generator().manual_seed(seed)
     total = prompt_len + new_tokens
     max_blocks = math.ceil(total / BLOCK) + 1

@@ -6,6 +6,8 @@ Each server is started once per module (start-up takes about 40 s here).
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -13,6 +15,9 @@ import requests
 pytest.importorskip("vllm")
 
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from soak_load import SoakSpec, run_soak  # noqa: E402
 
 from .vllm_server import concurrent_streams, run_startup_failure, serve  # noqa: E402
 
@@ -92,7 +97,6 @@ def test_request_budget_one_reproduces_stock_on_a_compressing_server(stock, comp
     [
         ({"kv_budget": 1.5}, "kv_budget must be a number in (0, 1], got 1.5"),
         ({"kv_budget": "half"}, "kv_budget must be a number in (0, 1], got 'half'"),
-        ({"kv_budgte": 0.5}, "unknown per-request PrefixKV option 'kv_budgte'"),
     ],
 )
 def test_bad_request_budget_gets_400_and_the_server_keeps_serving(compressed, xargs, message):
@@ -103,8 +107,35 @@ def test_bad_request_budget_gets_400_and_the_server_keeps_serving(compressed, xa
     assert "Paris" in compressed.chat("What is the capital of France?")["choices"][0]["message"]["content"]
 
 
-def test_start_up_log_reports_ratios_and_saving(compressed):
+def test_keys_we_do_not_own_pass_through(compressed):
+    # vLLM's own kv_transfer_params (KV connectors) and other plugins' kv_* keys.
+    body = {"model": "demo", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    body.update(kv_transfer_params={"do_remote_prefill": False}, vllm_xargs={"kv_other_plugin": 1})
+    response = requests.post(f"{compressed.base_url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+
+
+def _kv_pool_tokens(server) -> int:
+    line = next(line for line in server.log().splitlines() if "KV cache size:" in line)
+    return int(line.split("KV cache size:")[1].split("tokens")[0].replace(",", ""))
+
+
+def test_installed_without_a_policy_is_stock(model, log_dir, stock):
+    # No VLLM_PLUGINS allow-list, so vLLM loads the plugin in every process; only no --kv-policy.
+    with serve(model, log_dir=log_dir) as off:
+        assert "PrefixKV" not in off.log()
+        assert _kv_pool_tokens(off) == _kv_pool_tokens(stock)
+        for prompt in CHAT_PROMPTS[2:4]:
+            expected = [t["token"] for t in stock.chat(prompt, logprobs=True)["choices"][0]["logprobs"]["content"]]
+            got = off.chat(prompt, logprobs=True, kv_transfer_params={"do_remote_prefill": False})
+            assert [t["token"] for t in got["choices"][0]["logprobs"]["content"]] == expected, prompt[:60]
+        # Without a policy the plugin does not read requests: kv_budget is an opaque extra arg, as in stock vLLM.
+        assert off.chat("Hi", max_tokens=4, vllm_xargs={"kv_budget": 7})["choices"]
+
+
+def test_start_up_log_reports_ratios_saving_and_backend(compressed):
     log = compressed.log()
+    assert "PrefixKV: 30 compressed layers run prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend" in log
     assert "PrefixKV: policy=prefixkv budget=0.2" in log
     line = next(line for line in log.splitlines() if "keep ratios per layer" in line)
     ratios = [float(r) for r in line.split("keep ratios per layer: ")[1].split(";")[0].split()]
@@ -170,6 +201,30 @@ def test_mixed_load_with_preemption_completes_without_leaks(model, log_dir):
         assert "Paris" in server.chat("What is the capital of France?")["choices"][0]["message"]["content"]
 
 
+# prefixkv keeps one KV-cache group per layer: 3300 one-layer blocks of 32 tokens hold
+# 3520 tokens, well under the load; a token budget of 512 splits prompts into chunks.
+SOAK_ARGS = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--num-gpu-blocks-override", "3300")
+SOAK_ARGS += ("--max-model-len", "3000", "--max-num-batched-tokens", "512")
+# vLLM's own admission, so that the load preempts (the default admission avoids it).
+SOAK_ARGS += ("--kv-admission", "stock")
+SOAK_CI = SoakSpec(requests=32, max_prompt_tokens=2000, max_decode_tokens=128)
+
+
+def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, stock):
+    # Full size: python benchmarks/soak.py (figures in benchmarks/results/soak.md).
+    with serve(model, *SOAK_ARGS, log_dir=log_dir) as server:
+        report = run_soak(server.base_url, SOAK_CI)
+        assert report["failures"] == [], report["failures"][:3]
+        assert report["completed"] == report["expected_completed"], report  # aborts stopped their requests
+        assert report["aborted_before_first_token"] > 0, report
+        assert report["preemptions"] > 0, f"the load did not preempt; make it heavier: {report}"
+        assert report["kv_usage_after"] == 0.0, report
+        for prompt in CHAT_PROMPTS[3:5]:
+            expected = [t["token"] for t in stock.chat(prompt, logprobs=True)["choices"][0]["logprobs"]["content"]]
+            whole = server.chat(prompt, logprobs=True, vllm_xargs={"kv_budget": 1.0})["choices"][0]
+            assert [t["token"] for t in whole["logprobs"]["content"]] == expected, prompt[:60]
+
+
 def test_compression_aware_admission_never_preempts(model, log_dir):
     with serve(model, *SMALL_POOL, log_dir=log_dir) as server:
         answers = concurrent_streams(server, MIXED_PROMPTS, max_tokens=320, ignore_eos=True)
@@ -200,6 +255,8 @@ def test_aborted_stream_frees_its_blocks(compressed):
         (("--kv-policy", "prefixkv", "--kv-profile", "/nonexistent/profile.json"), "prefixkv: error: --kv-profile /nonexistent/profile.json: cannot read profile"),
         (("--kv-policy", "prefixkv", "--kv-tiers", "7"), "prefixkv: error: --kv-tiers 7 must divide the model's 30 layers evenly"),
         (("--kv-policy", "uniform", "--kv-cache-dtype", "fp8"), "prefixkv: error: PrefixKV does not support quantized KV caches (--kv-cache-dtype fp8)"),
+        (("--kv-policy", "uniform", "--attention-backend", "FLASH_ATTN"), "prefixkv: error: PrefixKV runs its own attention backend (CUSTOM, wrapping the stock one); drop --attention-backend FLASH_ATTN"),
+        (("--kv-policy", "uniform", "--kv-transfer-config", '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}'), "prefixkv: error: PrefixKV does not support KV connectors (--kv-transfer-config)"),
     ],
 )
 def test_bad_settings_fail_at_start_up_with_one_line(model, log_dir, args, message):

@@ -73,7 +73,7 @@ class PrefixKVConfig:
         return self.policy != "none"
 
     @classmethod
-    def from_additional_config(cls, additional_config: Any) -> "PrefixKVConfig":
+    def from_additional_config(cls, additional_config: Any) -> PrefixKVConfig:
         data = additional_config if isinstance(additional_config, dict) else {}
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(key for key in data if key.startswith("kv_") and key[3:] not in names)
@@ -92,5 +92,5 @@ class PrefixKVConfig:
             for f in dataclasses.fields(self)
         }
 
-    def with_keep_ratios(self, ratios: tuple[float, ...]) -> "PrefixKVConfig":
+    def with_keep_ratios(self, ratios: tuple[float, ...]) -> PrefixKVConfig:
         return dataclasses.replace(self, keep_ratios=tuple(ratios))

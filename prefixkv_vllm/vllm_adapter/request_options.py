@@ -5,7 +5,11 @@ A request's ``kv_budget`` moves the mean of its per-layer keep ratios from the
 server's ``--kv-budget`` to its own while keeping their per-layer shape
 (``policy.paged.request_keep_ratio``); ``kv_budget: 1`` keeps the request's whole
 prompt cache. Bad values are rejected where vLLM validates sampling parameters,
-which the OpenAI server answers with HTTP 400.
+which the OpenAI server answers with HTTP 400. Only the key this project owns
+(``kv_budget``) is read: ``extra_args`` is shared with vLLM itself
+(``kv_transfer_params`` for KV connectors) and with other plugins, so any other key,
+``kv_``-prefixed or not, passes through untouched. Without ``--kv-policy`` the plugin
+does not look at requests at all (``plugin``), as stock vLLM.
 
 The scheduler (which frees blocks) and the worker (which compacts) each read the
 budget from the request's own sampling parameters and agree through
@@ -17,30 +21,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import PrefixKVConfig
 
-REQUEST_OPTIONS = ("kv_budget",)
-
-
-def request_budget(extra_args: dict[str, Any] | None, config: PrefixKVConfig) -> float | None:
-    """The request's own budget (``None``: the server's); ``ValueError`` for bad options."""
-    options = {key: value for key, value in (extra_args or {}).items() if key.startswith("kv_")}
-    unknown = sorted(set(options) - set(REQUEST_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown per-request PrefixKV option {unknown[0]!r}; supported: {', '.join(REQUEST_OPTIONS)}")
-    budget = options.get("kv_budget")
+def request_budget(extra_args: dict[str, Any] | None) -> float | None:
+    """The request's own budget (``None``: the server's); ``ValueError`` for a bad ``kv_budget``."""
+    budget = (extra_args or {}).get("kv_budget")
     if budget is None:
         return None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or not 0 < budget <= 1:
         raise ValueError(f"kv_budget must be a number in (0, 1], got {budget!r}")
-    if not config.active:
-        raise ValueError("kv_budget needs a server started with --kv-policy")
     return float(budget)
 
 
-def budget_of(sampling_params, config: PrefixKVConfig) -> float | None:
+def budget_of(sampling_params) -> float | None:
     """``request_budget`` of a request's sampling parameters (``None`` for pooling requests)."""
-    return request_budget(getattr(sampling_params, "extra_args", None), config)
+    return request_budget(getattr(sampling_params, "extra_args", None))
 
 
 class SchedulerBudgets:

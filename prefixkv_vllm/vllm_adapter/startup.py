@@ -19,12 +19,17 @@ UNQUANTIZED_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 def configure_engine(vllm_config) -> None:
-    """Validate, resolve ratios into ``additional_config``, and turn off prefix caching."""
+    """Validate, resolve ratios into ``additional_config``, pick the attention backend, and turn off prefix caching."""
     config = PrefixKVConfig.from_additional_config(vllm_config.additional_config)
     if not config.active:
         return
+    from .plugin import vllm_version_problem
+
+    if (problem := vllm_version_problem()) is not None:
+        raise PrefixKVConfigError(problem)
     model_config = vllm_config.model_config
     _check_supported(vllm_config)
+    select_attention_backend(vllm_config)
     num_layers = model_config.get_num_layers(vllm_config.parallel_config)
     if config.tiers and num_layers % config.tiers:
         raise PrefixKVConfigError(f"--kv-tiers {config.tiers} must divide the model's {num_layers} layers evenly")
@@ -63,8 +68,42 @@ def _check_supported(vllm_config) -> None:
         reasons.append(f"quantized KV caches (--kv-cache-dtype {cache_dtype})")
     if vllm_config.use_v2_model_runner:
         reasons.append("Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    # Each of these makes the scheduler's block accounting and the worker's compaction
+    # disagree: they see other layers, other prompt lengths or other positions.
+    # (Cascade attention needs no check: vLLM 0.32 removed it.)
+    if model_config.uses_alibi:
+        reasons.append("ALiBi models (compaction moves keys; ALiBi biases by cache index)")
+    if vllm_config.kv_transfer_config is not None:
+        reasons.append("KV connectors (--kv-transfer-config)")
+    parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        reasons.append("pipeline parallelism")
+    if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
+        reasons.append("context parallelism")
+    if parallel.use_ubatching:
+        reasons.append("dual-batch overlap / micro-batching")
     if reasons:
         raise PrefixKVConfigError(f"PrefixKV does not support {', '.join(reasons)} ({model_config.model})")
+
+
+def select_attention_backend(vllm_config) -> None:
+    """Full-attention layers run the platform's PrefixKV backend (``backends``)."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.kv_cache_interface import KVCacheSpecKind
+
+    from .backends import backend_path
+
+    if backend_path(current_platform) is None:
+        raise PrefixKVConfigError(f"PrefixKV has no attention backend for the {current_platform.device_name} platform")
+    attention = vllm_config.attention_config
+    kind = KVCacheSpecKind.FULL_ATTENTION.value
+    chosen = attention.backend_per_kind.get(kind, attention.backend)
+    if chosen not in (None, AttentionBackendEnum.CUSTOM):
+        raise PrefixKVConfigError(
+            f"PrefixKV runs its own attention backend (CUSTOM, wrapping the stock one); drop --attention-backend {chosen.name}"
+        )
+    attention.backend_per_kind = {**attention.backend_per_kind, kind: AttentionBackendEnum.CUSTOM}
 
 
 def _keep_ratios(config: PrefixKVConfig, vllm_config, num_layers: int) -> tuple[float, ...]:

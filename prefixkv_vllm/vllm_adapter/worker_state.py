@@ -86,14 +86,17 @@ class RequestStore:
     def set_positions(self, req_id: str, layer_name: str, positions: torch.Tensor) -> None:
         self._positions.setdefault(req_id, {})[layer_name] = positions
 
-    def drop(self, req_id: str) -> None:
-        self._scores.pop(req_id, None)
-        self._positions.pop(req_id, None)
+    def drop(self, req_ids) -> None:
+        """Forget requests that finished, were aborted or were preempted (or restart from zero).
 
-    def retain(self, live_req_ids) -> None:
-        """Drop the state of requests that finished, were aborted or were preempted."""
-        for req_id in [r for r in {*self._scores, *self._positions} if r not in live_req_ids]:
-            self.drop(req_id)
+        Only those: a request left out of one step (a partial prefill that got no
+        tokens under the token or encoder budget) resumes its prompt later and needs
+        what it accumulated so far. The model runner's state update reports them
+        (``plugin``).
+        """
+        for req_id in req_ids:
+            self._scores.pop(req_id, None)
+            self._positions.pop(req_id, None)
 
     def __len__(self) -> int:
         return len({*self._scores, *self._positions})

@@ -166,8 +166,8 @@ def plan_step(
     kept = kept_prompt_blocks(prompt_lens, ratios, layout.block_size, layout.sink, layout.recent)
     start_before[known:] = start_after[known:] = 0
 
-    for row in np.flatnonzero(computed[:known] == 0):
-        STORE.drop(batch.req_ids[row])  # a (re)started request: nothing from an earlier life applies
+    # A (re)started request: nothing from an earlier life applies.
+    STORE.drop([batch.req_ids[row] for row in np.flatnonzero(computed[:known] == 0)])
     compact_rows = [int(r) for r in np.flatnonzero(start_after[:known] > start_before[:known])]
     score_rows = _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, ratios, policy, layout, decode_window)
     if not start_before.any() and not score_rows and not compact_rows:

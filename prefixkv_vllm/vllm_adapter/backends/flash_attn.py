@@ -1,6 +1,6 @@
 """PrefixKV on vLLM's FlashAttention backend (CUDA). Written against vLLM 0.32; not yet run on a GPU.
 
-Select it with ``--attention-backend CUSTOM``. It needs vLLM's V1 model runner
+A policy selects it for full-attention layers (``AttentionBackendEnum.CUSTOM``). It needs vLLM's V1 model runner
 (``VLLM_USE_V2_MODEL_RUNNER=0``; the start-up check says so) and runs attention
 outside CUDA graphs: the builder reports no full-CUDA-graph support, so vLLM
 keeps piecewise graphs with eager attention, where scoring and compaction run.

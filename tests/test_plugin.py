@@ -1,0 +1,239 @@
+"""The plugin's hooks into vLLM, without an engine: inert without a policy, version
+range, start-up refusals, backend selection and check, score lifetime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+import vllm  # noqa: E402
+from vllm.config import AttentionConfig  # noqa: E402
+from vllm.exceptions import VLLMValidationError  # noqa: E402
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+from prefixkv_vllm.vllm_adapter import backends, plugin, startup  # noqa: E402
+from prefixkv_vllm.vllm_adapter.backends.cpu_attn import PrefixKVCPUBackend  # noqa: E402
+from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
+from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
+from prefixkv_vllm.vllm_adapter.worker_state import STORE  # noqa: E402
+
+POLICY = PrefixKVConfig(policy="uniform", budget=0.5)
+
+# Run in a fresh interpreter: register() patches vLLM's classes for the whole process.
+PROBE = r"""
+import json, sys
+import vllm
+if sys.argv[1]:
+    vllm.__version__ = sys.argv[1]
+from vllm.platforms.cpu import CpuPlatform
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, _ATTN_OVERRIDES
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine.input_processor import InputProcessor
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+classes = {"runner": GPUModelRunner, "scheduler": Scheduler, "input_processor": InputProcessor, "cpu_platform": CpuPlatform}
+before = {(k, n): v for k, c in classes.items() for n, v in vars(c).items()}
+overrides = dict(_ATTN_OVERRIDES)
+from prefixkv_vllm.vllm_adapter.plugin import register
+register()
+changed = sorted(f"{k}.{n}" for k, c in classes.items() for n, v in vars(c).items() if before.get((k, n)) is not v)
+print(json.dumps({"changed": changed, "overrides_changed": dict(_ATTN_OVERRIDES) != overrides}))
+"""
+
+
+def probe_register(version: str = "") -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE, version], check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_register_patches_only_constructors_and_no_backend():
+    # Everything on the per-step path (_update_states, _build_attention_metadata,
+    # add_request, _free_request, _validate_params, the CPU backend) stays vLLM's own.
+    probe = probe_register()
+    assert probe == {"changed": ["input_processor.__init__", "runner.__init__", "scheduler.__init__"], "overrides_changed": False}
+
+
+def test_register_on_an_unsupported_vllm_touches_no_engine_class():
+    assert probe_register("0.40.0") == {"changed": [], "overrides_changed": False}
+
+
+class Owner:
+    def __init__(self, additional_config):
+        self.vllm_config = SimpleNamespace(additional_config=additional_config)
+
+    def step(self):
+        return "vllm"
+
+
+def test_instances_without_a_policy_keep_vllms_methods(monkeypatch):
+    class Hooked(Owner):
+        pass
+
+    bound = []
+
+    def bind(instance, config):
+        bound.append(config.policy)
+        instance.step = lambda: "prefixkv"
+
+    monkeypatch.setattr(Hooked, "__init__", Hooked.__init__)
+    plugin._bind_when_active(Hooked, bind)
+    off = Hooked({"unrelated": 1})
+    assert "step" not in vars(off) and off.step() == "vllm" and bound == []
+    on = Hooked({"kv_policy": "uniform"})
+    assert on.step() == "prefixkv" and bound == ["uniform"]
+
+
+# --- vLLM version -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version, supported", [("0.32.0", True), ("0.32.0+cpu", True), ("0.32.1.dev4", True), ("0.31.2", False), ("0.33.0", False), ("dev", False)])
+def test_vllm_version_range(monkeypatch, version, supported):
+    monkeypatch.setattr(vllm, "__version__", version)
+    problem = plugin.vllm_version_problem()
+    assert (problem is None) == supported
+    if not supported:
+        assert problem == f"PrefixKV supports vLLM {plugin.SUPPORTED_VLLM}; this is vLLM {version}"
+
+
+def test_policy_on_an_unsupported_vllm_fails_at_start_up_and_no_policy_stays_inert(monkeypatch):
+    monkeypatch.setattr(vllm, "__version__", "0.40.0")
+    with pytest.raises(PrefixKVConfigError, match=r"PrefixKV supports vLLM >=.*; this is vLLM 0.40.0"):
+        startup.configure_engine(SimpleNamespace(additional_config={"kv_policy": "uniform"}))
+    startup.configure_engine(SimpleNamespace(additional_config={}))  # nothing read, nothing raised
+
+
+# --- configurations the scheduler and the worker would disagree on ------------------
+
+
+def engine_config(**changes):
+    model = SimpleNamespace(
+        model="m", is_encoder_decoder=False, use_mla=False, get_sliding_window=lambda: None,
+        hf_text_config=SimpleNamespace(), uses_alibi=False,
+    )
+    parallel = SimpleNamespace(
+        pipeline_parallel_size=1, tensor_parallel_size=1, decode_context_parallel_size=1,
+        prefill_context_parallel_size=1, use_ubatching=False,
+    )
+    config = SimpleNamespace(
+        model_config=model, parallel_config=parallel, speculative_config=None, kv_transfer_config=None,
+        cache_config=SimpleNamespace(cache_dtype="auto"), use_v2_model_runner=False,
+    )
+    for path, value in changes.items():
+        owner, name = path.split("__")
+        setattr(getattr(config, owner) if owner != "config" else config, name, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"config__kv_transfer_config": object()}, "KV connectors (--kv-transfer-config)"),
+        ({"parallel_config__pipeline_parallel_size": 2}, "pipeline parallelism"),
+        ({"parallel_config__decode_context_parallel_size": 2}, "context parallelism"),
+        ({"parallel_config__prefill_context_parallel_size": 2}, "context parallelism"),
+        ({"parallel_config__use_ubatching": True}, "dual-batch overlap / micro-batching"),
+        ({"model_config__uses_alibi": True}, "ALiBi models"),
+    ],
+)
+def test_configurations_that_would_disagree_are_refused(changes, reason):
+    startup._check_supported(engine_config())
+    with pytest.raises(PrefixKVConfigError, match=r"^PrefixKV does not support .*\(m\)$") as error:
+        startup._check_supported(engine_config(**changes))
+    assert reason in str(error.value) and "\n" not in str(error.value)
+
+
+def test_tensor_parallelism_is_accepted():
+    startup._check_supported(engine_config(parallel_config__tensor_parallel_size=2))
+
+
+def test_streaming_input_sessions_are_refused_per_request():
+    calls = []
+    processor = SimpleNamespace(
+        _validate_params=lambda params, *args: None,
+        process_inputs=lambda *args, **kwargs: calls.append(kwargs) or "request",
+    )
+    plugin.bind_input_processor(processor, POLICY)
+    assert processor.process_inputs("id", "prompt", priority=0) == "request"
+    with pytest.raises(VLLMValidationError, match="PrefixKV does not support streaming-input sessions"):
+        processor.process_inputs("id", "prompt", resumable=True)
+    assert calls == [{"priority": 0}]
+
+
+# --- attention backend --------------------------------------------------------------
+
+
+def test_a_policy_selects_the_prefixkv_backend_for_full_attention():
+    config = SimpleNamespace(attention_config=AttentionConfig())
+    startup.select_attention_backend(config)
+    assert config.attention_config.backend_per_kind == {"full_attention": AttentionBackendEnum.CUSTOM}
+    assert config.attention_config.backend is None  # other layer kinds keep vLLM's choice
+
+
+def test_another_requested_backend_is_refused_with_its_name():
+    config = SimpleNamespace(attention_config=AttentionConfig(backend="FLASHINFER"))
+    with pytest.raises(PrefixKVConfigError, match=r"drop --attention-backend FLASHINFER$"):
+        startup.select_attention_backend(config)
+
+
+def test_a_platform_without_a_prefixkv_backend_is_refused(monkeypatch):
+    platform = SimpleNamespace(device_name="tpu", is_cpu=lambda: False, is_cuda=lambda: False)
+    monkeypatch.setattr(vllm.platforms, "current_platform", platform)
+    with pytest.raises(PrefixKVConfigError, match="PrefixKV has no attention backend for the tpu platform"):
+        startup.select_attention_backend(SimpleNamespace(attention_config=AttentionConfig()))
+
+
+def attn_group(backend, spec, name="model.layers.0.self_attn.attn"):
+    return SimpleNamespace(backend=backend, kv_cache_spec=spec, layer_names=[name])
+
+
+def test_kv_cache_check_names_a_stock_backend_on_a_compressed_layer():
+    compressed = PrefixKVAttentionSpec(block_size=32, num_kv_heads=2, head_size=16, dtype=torch.float32, keep_ratio=0.5)
+    stock = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    backends.check_backends([[attn_group(PrefixKVCPUBackend, compressed), attn_group(CPUAttentionBackend, stock)]])
+    with pytest.raises(PrefixKVConfigError) as error:
+        backends.check_backends([[attn_group(PrefixKVCPUBackend, compressed)], [attn_group(CPUAttentionBackend, compressed, "layer.7")]])
+    message = str(error.value)
+    assert message.startswith("layer layer.7 runs the CPU_ATTN attention backend (vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend)")
+    assert "\n" not in message
+
+
+# --- score lifetime -----------------------------------------------------------------
+
+
+def stand_in_runner(req_ids):
+    batch = SimpleNamespace(
+        num_reqs=len(req_ids), req_ids=req_ids, num_prompt_tokens=np.full(len(req_ids), 64),
+        num_computed_tokens_cpu=np.full(len(req_ids), 10),
+    )
+    requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None)) for r in "abcd"}
+    return SimpleNamespace(
+        input_batch=batch, requests=requests, attn_groups=[], kv_cache_config=SimpleNamespace(kv_cache_groups=[]), device="cpu",
+        get_kv_cache_spec=dict, initialize_kv_cache=lambda *a: None,
+        _update_states=lambda output: None, _build_attention_metadata=lambda *a: "metadata",
+    )
+
+
+def test_scores_live_until_the_request_finishes_or_is_preempted(monkeypatch):
+    monkeypatch.setattr(backends, "use_prefixkv_backend", lambda: None)
+    runner = stand_in_runner(["b", "c", "d"])
+    plugin.bind_model_runner(runner, POLICY)
+    for req_id in "abcd":
+        STORE.scores(req_id, "layer.0", 64, (1, 64), "cpu", fresh=True).add_(1.0)
+    # "a" (a partial prefill) got no tokens this step: it is not in the batch.
+    assert runner._build_attention_metadata() == "metadata"
+    runner._update_states(SimpleNamespace(finished_req_ids={"b"}, preempted_req_ids={"c"}))
+    assert STORE.take_scores("a", "layer.0", 64).sum() == 64
+    assert STORE.take_scores("d", "layer.0", 64) is not None
+    assert STORE.take_scores("b", "layer.0", 64) is None and STORE.take_scores("c", "layer.0", 64) is None
+    assert len(STORE) == 0
