@@ -248,8 +248,9 @@ def markdown(rows, prompts, args, header) -> str:
             lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (8 + len(kinds)))
             continue
         rouge = "1.000 (reference)" if policy == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
+        label = f"{policy}, decode {row['decode']}" if "decode" in row else policy
         lines.append(
-            f"| {policy} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
+            f"| {label} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
             f"({row['needle_hits'] / max(1, row['needle_n']):.0%}) | {row['kept_hits']}/{row['kept_n']} | {row['identical']}/{row['n']} | {row['n']} | "
             + " | ".join(f"{row['rouge_by_kind'][k]:.2f}" for k in kinds)
             + f" | {row['generate_s']:.0f} | {row['foreign_share']:.0%} |"
