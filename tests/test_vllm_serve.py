@@ -185,29 +185,14 @@ def test_compressed_answers_stay_coherent(compressed):
     assert "Paris" in tighter["choices"][0]["message"]["content"]
 
 
-MIXED_PROMPTS = [document(items, offset=i) + "\nSummarize the list." for i, items in enumerate([3, 90, 10, 110, 60, 120, 25, 100, 5, 80])]
-# uniform keeps one KV-cache group: 136 blocks of 32 tokens hold 4352 tokens, well under the load.
-SMALL_POOL = ("--kv-policy", "uniform", "--kv-budget", "0.2", "--num-gpu-blocks-override", "136", "--max-model-len", "4096")
-
-
-def test_mixed_load_with_preemption_completes_without_leaks(model, log_dir):
-    # vLLM's own admission over-admits, so requests preempt each other and resume past
-    # their decode rounds (the catch-up compaction).
-    with serve(model, *SMALL_POOL, "--kv-admission", "stock", log_dir=log_dir) as server:
-        answers = concurrent_streams(server, MIXED_PROMPTS, max_tokens=320, ignore_eos=True)
-        assert all(len(a.split()) >= 5 for a in answers)
-        assert server.metric("vllm:num_preemptions_total") > 0, "the load did not preempt; make it heavier"
-        assert server.metric("vllm:kv_cache_usage_perc") == 0.0
-        assert "Paris" in server.chat("What is the capital of France?")["choices"][0]["message"]["content"]
-
-
-# prefixkv keeps one KV-cache group per layer: 3300 one-layer blocks of 32 tokens hold
-# 3520 tokens, well under the load; a token budget of 512 splits prompts into chunks.
-SOAK_ARGS = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--num-gpu-blocks-override", "3300")
-SOAK_ARGS += ("--max-model-len", "3000", "--max-num-batched-tokens", "512")
-# vLLM's own admission, so that the load preempts (the default admission avoids it).
+# prefixkv keeps one KV-cache group per layer: 2500 one-layer blocks of 32 tokens hold
+# 2666 tokens, just over one longest request; a token budget of 512 splits prompts into chunks.
+SOAK_ARGS = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--num-gpu-blocks-override", "2500")
+SOAK_ARGS += ("--max-model-len", "2600", "--max-num-batched-tokens", "512")
+# vLLM's own admission, so that the load preempts (the default admission avoids it) and
+# requests resume past their decode rounds (the catch-up compaction).
 SOAK_ARGS += ("--kv-admission", "stock")
-SOAK_CI = SoakSpec(requests=32, max_prompt_tokens=2000, max_decode_tokens=128)
+SOAK_CI = SoakSpec(requests=32, max_prompt_tokens=2000, min_decode_tokens=96, max_decode_tokens=256)
 
 
 def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, stock):
@@ -223,14 +208,6 @@ def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, 
             expected = [t["token"] for t in stock.chat(prompt, logprobs=True)["choices"][0]["logprobs"]["content"]]
             whole = server.chat(prompt, logprobs=True, vllm_xargs={"kv_budget": 1.0})["choices"][0]
             assert [t["token"] for t in whole["logprobs"]["content"]] == expected, prompt[:60]
-
-
-def test_compression_aware_admission_never_preempts(model, log_dir):
-    with serve(model, *SMALL_POOL, log_dir=log_dir) as server:
-        answers = concurrent_streams(server, MIXED_PROMPTS, max_tokens=320, ignore_eos=True)
-        assert all(len(a.split()) >= 5 for a in answers)
-        assert server.metric("vllm:num_preemptions_total") == 0
-        assert server.metric("vllm:kv_cache_usage_perc") == 0.0
 
 
 def test_aborted_stream_frees_its_blocks(compressed):
