@@ -224,29 +224,33 @@ def _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, rati
 
     Prompt rows score their prompt queries (from the scorer's first query on) for
     the prompt compaction; with ``scored`` decoding, decode rows score the last
-    ``decode_window`` queries before the round that will move their run.
+    ``decode_window`` queries before the round that will move their run. Vectorised
+    over rows: this runs for every group at every step.
     """
-    bs = layout.block_size
+    prompt_lens, computed, seq_host = prompt_lens[:known], computed[:known], seq_host[:known]
     rows = []
-    for row in range(known):
-        prompt_len, begin, end = int(prompt_lens[row]), int(computed[row]), int(seq_host[row])
-        if begin < prompt_len:
-            if kept[row] == prompt_len // bs or not policy.scorer.needs_attention:
-                continue  # nothing to evict from the prompt, or nothing to score with
-            first = max(begin, policy.scorer.min_query_pos(prompt_len))
-            last = min(end, prompt_len)
-            if last > first:
-                rows.append((row, first, last, prompt_len, policy.scorer.min_query_pos(prompt_len), begin == 0))
-            continue
-        if layout.decode != "scored":
-            continue
-        upcoming = next_round(prompt_len, begin, layout)
-        target = prompt_len + (end - prompt_len) // layout.interval * layout.interval if end >= upcoming else upcoming
-        moves = live_blocks(prompt_len, target, ratios[row], layout)[0] > start_before[row]
-        first, last = max(begin, target - decode_window), min(end, target)
-        if moves and last > first:
-            rows.append((row, first, last, target, 0, begin <= target - decode_window))
-    return rows
+    if policy.scorer.needs_attention:
+        first_query = np.array([policy.scorer.min_query_pos(int(p)) for p in prompt_lens], dtype=np.int64)
+        first = np.maximum(computed, first_query)
+        last = np.minimum(seq_host, prompt_lens)
+        # Rows still in their prompt, with prompt blocks to evict and window queries this step.
+        prompt_rows = (computed < prompt_lens) & (kept[:known] < prompt_lens // layout.block_size) & (last > first)
+        rows += [
+            (r, int(first[r]), int(last[r]), int(prompt_lens[r]), int(first_query[r]), bool(computed[r] == 0))
+            for r in np.flatnonzero(prompt_rows)
+        ]
+    if layout.decode == "scored":
+        interval = layout.interval
+        decoding = computed >= prompt_lens
+        upcoming = prompt_lens + ((computed - prompt_lens) // interval + 1) * interval
+        target = np.where(seq_host >= upcoming, prompt_lens + (seq_host - prompt_lens) // interval * interval, upcoming)
+        moves = live_blocks(prompt_lens, target, ratios[:known], layout)[0] > start_before[:known]
+        first, last = np.maximum(computed, target - decode_window), np.minimum(seq_host, target)
+        rows += [
+            (r, int(first[r]), int(last[r]), int(target[r]), 0, bool(computed[r] <= target[r] - decode_window))
+            for r in np.flatnonzero(decoding & moves & (last > first))
+        ]
+    return sorted(rows)
 
 
 def _score_work(rows, starts, computed, start_before, block_size, effective_table) -> ScoreWork:
