@@ -24,8 +24,6 @@ from ..policy.paged import live_blocks, peak_live_blocks
 from .kv_spec import PrefixKVAttentionSpec
 from .request_options import SCHEDULER_BUDGETS
 
-ADMISSION_MODES = ("reserve", "stock")
-
 
 class Admission:
     def __init__(self, kv_cache_config, running: list, max_model_len: int) -> None:

@@ -15,6 +15,8 @@ from typing import Any
 from ..policy import POLICY_NAMES, SCORERS
 from ..policy.paged import DECODE_MODES
 
+ADMISSION_MODES = ("reserve", "stock")
+
 
 class PrefixKVConfigError(ValueError):
     """A setting that cannot work; raised at start-up with a one-line reason."""
@@ -52,8 +54,8 @@ class PrefixKVConfig:
             raise PrefixKVConfigError(f"--kv-budget must be in (0, 1], got {self.budget!r}")
         if self.scorer not in SCORERS:
             raise PrefixKVConfigError(f"unknown --kv-scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
-        if self.admission not in ("reserve", "stock"):
-            raise PrefixKVConfigError(f"unknown --kv-admission {self.admission!r}; choose reserve or stock")
+        if self.admission not in ADMISSION_MODES:
+            raise PrefixKVConfigError(f"unknown --kv-admission {self.admission!r}; choose one of {', '.join(ADMISSION_MODES)}")
         if self.decode not in DECODE_MODES:
             raise PrefixKVConfigError(f"unknown --kv-decode {self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
         for name, minimum in (("window", 1), ("sink", 0), ("recent", 1), ("tiers", 0), ("decode_interval", 1)):

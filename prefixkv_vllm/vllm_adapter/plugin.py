@@ -57,7 +57,7 @@ from __future__ import annotations
 import argparse
 import functools
 
-from .config import PrefixKVConfig, PrefixKVConfigError
+from .config import ADMISSION_MODES, PrefixKVConfig, PrefixKVConfigError
 
 SUPPORTED_VLLM = ">=0.32.0,<0.33"
 
@@ -123,7 +123,7 @@ def _add_flags(parser):
     group.add_argument("--kv-per-kv-head", action="store_true", default=argparse.SUPPRESS, help="select tokens per KV head instead of per layer")
     group.add_argument("--kv-decode", choices=DECODE_MODES, default=argparse.SUPPRESS, help="eviction while decoding: fifo (default), scored, or off")
     group.add_argument("--kv-decode-interval", type=int, default=argparse.SUPPRESS, help="generated tokens between decode-time eviction rounds, a multiple of the block size (default 128)")
-    group.add_argument("--kv-admission", choices=("reserve", "stock"), default=argparse.SUPPRESS, help="reserve: admit only requests whose peak KV fits beside the running ones' (default); stock: vLLM's rule")
+    group.add_argument("--kv-admission", choices=ADMISSION_MODES, default=argparse.SUPPRESS, help="reserve: admit only requests whose peak KV fits beside the running ones' (default); stock: vLLM's rule")
     group.add_argument("--kv-tiers", type=int, default=argparse.SUPPRESS, help="KV-cache groups for the per-layer ratios (0: one per layer, the default)")
     return parser
 
