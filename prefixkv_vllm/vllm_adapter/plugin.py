@@ -119,7 +119,7 @@ def _add_flags(parser):
     group.add_argument("--kv-scorer", choices=list(SCORERS), default=argparse.SUPPRESS, help="token importance score (default: window)")
     group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS, help="queries the window scorer reads (default 32)")
     group.add_argument("--kv-sink", type=int, default=argparse.SUPPRESS, help="first prompt tokens always kept (default 1)")
-    group.add_argument("--kv-recent", type=int, default=argparse.SUPPRESS, help="last prompt tokens always kept (default 64)")
+    group.add_argument("--kv-recent", type=int, default=argparse.SUPPRESS, help="most recent tokens always kept: the end of the prompt, and of the output at each decode round (default 64)")
     group.add_argument("--kv-per-kv-head", action="store_true", default=argparse.SUPPRESS, help="select tokens per KV head instead of per layer")
     group.add_argument("--kv-decode", choices=DECODE_MODES, default=argparse.SUPPRESS, help="eviction while decoding: fifo (default), scored, or off")
     group.add_argument("--kv-decode-interval", type=int, default=argparse.SUPPRESS, help="generated tokens between decode-time eviction rounds, a multiple of the block size (default 128)")
