@@ -84,7 +84,8 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
     serve_args += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes or pool_bytes), *config_args(config)]
     output_len = config.get("output_len", output_len)
     name = re.sub(r"[^A-Za-z0-9.+-]", "-", f"{config_name(config)}-{input_len}+{output_len}")
-    with vllm_server(model, serve_args, log_path=log_dir / f"{name}.log", timeout=1200) as server:
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus)}
+    with vllm_server(model, serve_args, log_path=log_dir / f"{name}.log", env=env, timeout=1200) as server:
         samples: list = []
         stop = threading.Event()
         poller = threading.Thread(target=poll_metrics, args=(server, stop, samples, args.poll), daemon=True)
@@ -179,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
+    parser.add_argument("--reserved-cpus", type=int, default=1, help="VLLM_CPU_NUM_OF_RESERVED_CPU (vLLM's default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--quick", action="store_true", help="a small shape for the test suite")
     parser.add_argument("--poll", type=float, default=0.5)
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")

@@ -196,12 +196,21 @@ class TestAdmission:
         admission = self.admission([0.1, 0.3], running)
         layout = admission.layout
         newcomer = self.request("b", 100, 50)
-        a_peak = peak_live_blocks(200, 600, np.array([0.1, 0.3]), layout)
+        a_peak = peak_live_blocks(200, 600, np.array([0.1, 0.3]), layout, prefill=False)  # its prompt is behind it
         a_held = sum(math.ceil(210 / BLOCK) - live_blocks(200, 210, r, layout)[0] for r in (0.1, 0.3))
         b_peak = peak_live_blocks(100, 150, np.array([0.1, 0.3]), layout)
         assert admission.reserved_for(newcomer, 100) == (a_peak - a_held) + max(0, b_peak - 2 * math.ceil(100 / BLOCK))
         running[0].num_computed_tokens = 590  # further along: less left to grow
         assert admission.reserved_for(newcomer, 100) < (a_peak - a_held) + max(0, b_peak - 2 * math.ceil(100 / BLOCK))
+
+    def test_a_running_request_reserves_no_prompt_it_has_already_compacted(self):
+        running = self.request("a", 1024, 512, computed=1030)
+        admission = self.admission([0.2, 0.2], [running])
+        decode_peak = peak_live_blocks(1024, 1536, np.array([0.2, 0.2]), admission.layout, prefill=False)
+        assert decode_peak < 2 * 1024 // BLOCK  # below the prompt's own peak
+        held = sum(math.ceil(1030 / BLOCK) - live_blocks(1024, 1030, 0.2, admission.layout)[0] for _ in range(2))
+        newcomer = peak_live_blocks(8, 9, np.array([0.2, 0.2]), admission.layout) - 2 * math.ceil(8 / BLOCK)
+        assert admission.reserved_for(self.request("b", 8, 1), 8) == decode_peak - held + newcomer
 
     def test_compression_lowers_the_reservation(self):
         compressed = self.admission([0.2, 0.2], [self.request("a", 1024, 512)])

@@ -121,16 +121,17 @@ def next_round(prompt_len: int, computed: int, layout: PagedLayout) -> int | Non
     return prompt_len + ((computed - prompt_len) // layout.interval + 1) * layout.interval
 
 
-def peak_live_blocks(prompt_len: int, final_len: int, keep_ratios: np.ndarray, layout: PagedLayout) -> int:
-    """Most blocks a request holds at once over all layers, from admission until ``final_len`` tokens.
+def peak_live_blocks(prompt_len: int, final_len: int, keep_ratios: np.ndarray, layout: PagedLayout, prefill: bool = True) -> int:
+    """Most blocks a request holds at once over all layers until ``final_len`` tokens.
 
-    The prompt's peak is every layer holding the whole prompt; after it, the peak
-    of each round interval is just before its next round (and before the
-    scheduler frees on the step after, one more block per layer).
+    With ``prefill``, from admission: the prompt's peak is every layer holding the
+    whole prompt. Either way, after the prompt the peak of each round interval is
+    just before its next round (and before the scheduler frees on the step after,
+    one more block per layer).
     """
     bs = layout.block_size
     ratios = np.asarray(keep_ratios, dtype=np.float64)[:, None]
-    prefill_peak = len(ratios) * -(-prompt_len // bs)
+    prefill_peak = len(ratios) * -(-prompt_len // bs) if prefill else 0
     if final_len <= prompt_len:
         return prefill_peak
     step = layout.interval if layout.decode != "off" else final_len - prompt_len

@@ -33,7 +33,7 @@ class Admission:
         self.layout = self.specs[0].layout
         self.running = running  # the scheduler's own list, mutated in place by vLLM
         self.max_model_len = max_model_len
-        self._peaks: dict[str, int] = {}
+        self._peaks: dict[tuple[str, bool], int] = {}
 
     def _ratios(self, request_id: str) -> np.ndarray:
         budget = SCHEDULER_BUDGETS.get(request_id)
@@ -41,11 +41,15 @@ class Admission:
         return np.minimum(np.array(ratios), 1.0)
 
     def peak(self, request) -> int:
-        peak = self._peaks.get(request.request_id)
+        """The most blocks ``request`` will hold from now on: its prompt's peak only while that is ahead."""
+        prefill = request.num_computed_tokens < request.num_prompt_tokens
+        key = (request.request_id, prefill)
+        peak = self._peaks.get(key)
         if peak is None:
             final_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
-            peak = peak_live_blocks(request.num_prompt_tokens, final_len, self._ratios(request.request_id), self.layout)
-            self._peaks[request.request_id] = peak
+            ratios = self._ratios(request.request_id)
+            peak = peak_live_blocks(request.num_prompt_tokens, final_len, ratios, self.layout, prefill=prefill)
+            self._peaks[key] = peak
         return peak
 
     def held(self, request) -> int:
@@ -60,4 +64,5 @@ class Admission:
         return growth + max(0, self.peak(request) - now)
 
     def release(self, request_id: str) -> None:
-        self._peaks.pop(request_id, None)
+        self._peaks.pop((request_id, True), None)
+        self._peaks.pop((request_id, False), None)
