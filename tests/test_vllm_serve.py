@@ -143,32 +143,36 @@ def test_start_up_log_reports_ratios_saving_and_backend(compressed):
     assert len(set(ratios)) > 1  # per-layer, not uniform
 
 
-def _usage_while_decoding(server, max_tokens: int, late: int) -> tuple[float, float, list[str]]:
-    """Peak KV usage early in decoding (every request 6-45 tokens in) and late (``late`` tokens in)."""
-    early_samples, late_samples = [], []
+def _usage_while_decoding(server, max_tokens=40, after=6) -> tuple[float, list[str]]:
+    samples = []
 
     def sample(progress):
-        if 6 <= min(progress) < 46:  # every request is past prefill and decoding
-            early_samples.append(server.metric("vllm:kv_cache_usage_perc"))
-        elif min(progress) >= late:
-            late_samples.append(server.metric("vllm:kv_cache_usage_perc"))
+        if min(progress) >= after:  # every request is past prefill (and `after` tokens into decoding)
+            samples.append(server.metric("vllm:kv_cache_usage_perc"))
 
     answers = concurrent_streams(server, LONG_PROMPTS, max_tokens=max_tokens, on_progress=sample, ignore_eos=True)
-    assert early_samples and late_samples, "no /metrics sample was taken while all requests decoded"
-    return max(early_samples), max(late_samples), answers
+    assert samples, "no /metrics sample was taken while all requests decoded"
+    return max(samples), answers
 
 
-def test_kv_usage_stays_at_budget_while_long_prompts_decode(stock, compressed):
-    # ~1.3k-token prompts generating 600 tokens. Early on, the prompt compaction has freed
-    # ~80% of the prompt; late, decode-time eviction keeps each layer at its ratio of all
-    # tokens seen (keeping every generated token would hold about 0.45x stock).
-    stock_early, stock_late, _ = _usage_while_decoding(stock, max_tokens=600, late=500)
-    early, late, answers = _usage_while_decoding(compressed, max_tokens=600, late=500)
-    assert 0 < stock_early < stock_late
-    assert early <= 0.3 * stock_early, (early, stock_early)
-    assert late <= 0.3 * stock_late, (late, stock_late)
-    assert all(len(answer.split()) >= 50 for answer in answers)  # decoded text, not an empty or broken stream
+def test_kv_usage_drops_while_long_prompts_decode(stock, compressed):
+    stock_usage, _ = _usage_while_decoding(stock)
+    compressed_usage, answers = _usage_while_decoding(compressed)
+    assert stock_usage > 0
+    assert compressed_usage <= 0.3 * stock_usage, (compressed_usage, stock_usage)
+    for answer in answers:
+        assert len(answer.split()) >= 5  # decoded text, not an empty or broken stream
     assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0  # every block back in the pool
+
+
+def test_decode_time_eviction_keeps_long_generations_at_budget(stock, compressed):
+    # ~1.3k-token prompts generating 600 tokens: with every generated token kept, the
+    # compressed server would hold 0.2 x prompt + 600 tokens per layer (about 0.5x stock).
+    stock_usage, _ = _usage_while_decoding(stock, max_tokens=600, after=500)
+    compressed_usage, answers = _usage_while_decoding(compressed, max_tokens=600, after=500)
+    assert compressed_usage <= 0.3 * stock_usage, (compressed_usage, stock_usage)
+    assert all(len(answer.split()) >= 50 for answer in answers)
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
 
 
 def test_compressed_answers_stay_coherent(compressed):
