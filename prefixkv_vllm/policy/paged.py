@@ -39,7 +39,6 @@ How the run moves:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,13 +113,6 @@ def live_blocks(prompt_len, computed, keep_ratio, layout: PagedLayout):
     return start, end
 
 
-def next_round(prompt_len: int, computed: int, layout: PagedLayout) -> int | None:
-    """The processed-token count at which the next decode round after ``computed`` happens."""
-    if layout.decode == "off" or computed < prompt_len:
-        return None
-    return prompt_len + ((computed - prompt_len) // layout.interval + 1) * layout.interval
-
-
 def peak_live_blocks(prompt_len: int, final_len: int, keep_ratios: np.ndarray, layout: PagedLayout, prefill: bool = True) -> int:
     """Most blocks a request holds at once over all layers until ``final_len`` tokens.
 
@@ -158,9 +150,3 @@ def evicted_tokens(prompt_len: int, keep_ratio: float, block_size: int, sink: in
     """Prompt tokens a layer drops: the freed blocks, in tokens."""
     full_blocks = prompt_len // block_size
     return (full_blocks - kept_prompt_blocks(prompt_len, keep_ratio, block_size, sink, recent)) * block_size
-
-
-def mean_live_tokens(prompt_len: int, computed: int, keep_ratios, layout: PagedLayout) -> float:
-    """Mean tokens' worth of blocks a layer holds after ``computed`` tokens (the block arithmetic of benchmarks)."""
-    start, _ = live_blocks(prompt_len, computed, np.asarray(keep_ratios, dtype=np.float64), layout)
-    return float(np.mean(math.ceil(computed / layout.block_size) - np.asarray(start))) * layout.block_size
