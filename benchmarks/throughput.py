@@ -11,9 +11,13 @@ Reported per shape: output tok/s and its ratio to stock *in the same run*,
 request/s, TTFT and TPOT p50/p99, most requests running at once, preemptions, KV
 usage (mean while nothing waits, and peak; ``benchmarks/memory.py`` checks usage
 against the block arithmetic, where each request's progress is known), usage
-after the load, and Amdahl's bound: stock's time over the time stock needs for the same prompts
-with one output token each (the prefill share), i.e. the most any KV compression
-can gain while prefill is unchanged.
+after the load, and two bounds on what any KV compression can gain:
+
+* Amdahl's: stock's time over the time stock needs for the same prompts with one
+  output token each (the prefill share), the most while prefill is unchanged;
+* the ceiling (``--ceiling``): stock with a pool that holds every request at once,
+  i.e. a KV cache that costs nothing. Compression only buys a larger batch, so on
+  hardware where a step's cost grows with the batch (a CPU) this is the real limit.
 
 Writes ``throughput.md``, ``throughput.png`` and ``throughput.json`` under ``--out-dir``.
 ``--quick`` runs a small shape for the test suite.
@@ -46,6 +50,8 @@ SHAPES = {
 
 
 def config_name(config: dict) -> str:
+    if config.get("ceiling"):
+        return "stock, pool for all (ceiling)"
     return "stock" if config["policy"] == "none" else f"{config['policy']}@{config['budget']:g} ({config['decode']})"
 
 
@@ -80,8 +86,9 @@ def bench(server: ServerProcess, model: str, input_len: int, output_len: int, nu
 
 def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
     input_len, output_len, num_prompts, pool_bytes = shape
+    pool_bytes = config.get("pool_bytes") or args.kv_cache_bytes or pool_bytes
     serve_args = ["--max-model-len", str(input_len + output_len + 64), *SERVE_ARGS]
-    serve_args += ["--kv-cache-memory-bytes", str(args.kv_cache_bytes or pool_bytes), *config_args(config)]
+    serve_args += ["--kv-cache-memory-bytes", str(pool_bytes), *config_args(config)]
     output_len = config.get("output_len", output_len)
     name = re.sub(r"[^A-Za-z0-9.+-]", "-", f"{config_name(config)}-{input_len}+{output_len}")
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus)}
@@ -122,8 +129,16 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
         "usage_max": max((s.get("vllm:kv_cache_usage_perc", 0) for s in samples), default=None),
         "usage_after": after.get("vllm:kv_cache_usage_perc"),
         "pool_tokens": pool_blocks * BLOCK_SIZE if pool_blocks else None,
-        "pool_bytes": args.kv_cache_bytes or pool_bytes,
+        "pool_bytes": pool_bytes,
+        **({"ceiling": True} if config.get("ceiling") else {}),
     }
+
+
+def ceiling_pool_bytes(stock: dict, shape) -> int:
+    """A pool that holds every request of ``shape`` whole, at stock's bytes per token."""
+    input_len, output_len, num_prompts, _ = shape
+    per_request = -(-(input_len + output_len) // BLOCK_SIZE) * BLOCK_SIZE
+    return int(stock["pool_bytes"] / stock["pool_tokens"] * per_request * num_prompts * 1.05)
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -138,6 +153,11 @@ def markdown(rows: list[dict], header: str) -> str:
             bound = stock["duration_s"] / prefill["duration_s"]
             lines += [f"Prefill share of stock's time: {prefill['duration_s']:.1f} s of {stock['duration_s']:.1f} s "
                       f"({100 / bound:.0f}%); Amdahl's bound on any KV compression's gain: {bound:.2f}x.", ""]  # fmt: skip
+        ceiling = next((r for r in shape_rows if r.get("ceiling")), None)
+        if stock and ceiling:
+            lines += [f"Ceiling: stock with a pool for every request at once ({ceiling['pool_bytes'] / 2**20:.0f} MiB) gives "
+                      f"{ceiling['output_tok_s'] / stock['output_tok_s']:.2f}x stock: the most any KV compression can gain "
+                      f"on this machine at this shape, since it only buys a larger batch.", ""]  # fmt: skip
         lines += [
             "| config | duration | output tok/s | vs stock | req/s | TTFT p50 / p99 | TPOT p50 / p99 | max running | preemptions | KV usage mean / max | after |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -180,6 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
+    parser.add_argument("--ceiling", action="store_true", help="also run stock with a pool that holds every request at once")
     parser.add_argument("--reserved-cpus", type=int, default=1, help="VLLM_CPU_NUM_OF_RESERVED_CPU (vLLM's default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--quick", action="store_true", help="a small shape for the test suite")
     parser.add_argument("--poll", type=float, default=0.5)
@@ -209,6 +230,10 @@ def main(argv=None) -> int:
             for config in configs:
                 rows.append(run_config(model, config, shape, args, Path(result_dir), args.log_dir))
                 print(json.dumps(rows[-1]), flush=True)
+                if args.ceiling and config["policy"] == "none":
+                    ceiling = {"policy": "none", "ceiling": True, "pool_bytes": ceiling_pool_bytes(rows[-1], shape)}
+                    rows.append(run_config(model, ceiling, shape, args, Path(result_dir), args.log_dir))
+                    print(json.dumps(rows[-1]), flush=True)
     header = (
         f"# Throughput: demo model, {vllm_version()}, fp32, block size {BLOCK_SIZE}, the same KV pool for every server "
         f"of a shape, `vllm bench serve` random dataset, --ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})\n\n"

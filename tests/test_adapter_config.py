@@ -34,7 +34,6 @@ def test_round_trip():
         ({"kv_policy": "prefixkv", "kv_recent": 0}, "--kv-recent must be an integer >= 1"),
         ({"kv_policy": "prefixkv", "kv_sink": True}, "--kv-sink must be an integer >= 0"),
         ({"kv_policy": "uniform", "kv_profile": "p.json"}, "--kv-policy uniform does not use one"),
-        ({"kv_policy": "prefixkv", "kv_budgte": 0.2}, "unknown PrefixKV setting 'kv_budgte'"),
     ],
 )
 def test_bad_settings(settings, message):
@@ -90,3 +89,9 @@ def test_scheduler_budgets_track_admitted_requests():
     assert (budgets.get("a"), budgets.get("b"), len(budgets)) == (0.5, None, 1)
     budgets.release("a")
     assert budgets.get("a") is None and len(budgets) == 0
+
+
+def test_other_kv_keys_in_additional_config_are_not_ours():
+    shared = {"kv_policy": "uniform", "kv_budget": 0.5, "kv_offload_size": 8, "kv_transfer": {"x": 1}}
+    assert PrefixKVConfig.from_additional_config(shared) == PrefixKVConfig(policy="uniform", budget=0.5)
+    assert not PrefixKVConfig.from_additional_config({"kv_offload_size": 8}).active

@@ -3,6 +3,7 @@ range, start-up refusals, backend selection and check, score lifetime."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -55,6 +56,24 @@ def probe_register(version: str = "") -> dict:
     result = subprocess.run([sys.executable, "-c", PROBE, version], check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kv-budget", "0"], "argument --kv-budget: must be in (0, 1], got 0"),
+        (["--kv-budget", "half"], "argument --kv-budget: not a number: 'half'"),
+        (["--kv-policy", "h2o"], "argument --kv-policy: invalid choice: 'h2o'"),
+        (["--kv-scorer", "max"], "argument --kv-scorer: invalid choice: 'max'"),
+        (["--kv-decode", "lru"], "argument --kv-decode: invalid choice: 'lru'"),
+        (["--kv-admission", "none"], "argument --kv-admission: invalid choice: 'none'"),
+    ],
+)
+def test_bad_flags_are_argument_errors(args, message, capsys):
+    parser = plugin._add_flags(argparse.ArgumentParser(prog="vllm serve"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(args)
+    assert message in capsys.readouterr().err
 
 
 def test_register_patches_only_constructors_and_no_backend():

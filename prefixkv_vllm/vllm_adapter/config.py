@@ -78,9 +78,8 @@ class PrefixKVConfig:
     def from_additional_config(cls, additional_config: Any) -> PrefixKVConfig:
         data = additional_config if isinstance(additional_config, dict) else {}
         names = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(key for key in data if key.startswith("kv_") and key[3:] not in names)
-        if unknown:
-            raise PrefixKVConfigError(f"unknown PrefixKV setting {unknown[0]!r} in additional_config")
+        # Only our own keys are read: additional_config is shared with vLLM and other
+        # plugins, whose kv_* keys must pass untouched (the flags catch our typos).
         kwargs = {name: data[f"kv_{name}"] for name in names if f"kv_{name}" in data}
         if kwargs.get("keep_ratios") is not None:
             kwargs["keep_ratios"] = tuple(float(r) for r in kwargs["keep_ratios"])
