@@ -281,8 +281,10 @@ def bind_scheduler(scheduler, config: PrefixKVConfig) -> None:
     original_free = scheduler._free_request
     admission = None
     if config.admission == "reserve":
-        admission = Admission(scheduler.kv_cache_config, scheduler.running, scheduler.vllm_config.model_config.max_model_len)
         manager = scheduler.kv_cache_manager
+        admission = Admission(
+            scheduler.vllm_config, scheduler.kv_cache_config, manager.coordinator.single_type_managers, scheduler.running
+        )
         original_allocate = manager.allocate_slots
 
         def allocate_slots(request, num_new_tokens, *args, **kwargs):
