@@ -7,11 +7,14 @@ tokenizer) with one shared server per configuration.
 
 from __future__ import annotations
 
+import json
 import math
+import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import requests
 import torch
 
 pytest.importorskip("vllm")
@@ -27,6 +30,8 @@ from prefixkv_vllm.vllm_adapter.admission import Admission  # noqa: E402
 from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import layer_specs  # noqa: E402
+
+from .vllm_server import serve  # noqa: E402
 
 GEMMA3_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
 
@@ -168,3 +173,180 @@ def test_sliding_groups_do_not_inflate_a_running_requests_growth():
     without = admission_with_sliding_groups([decoding], sliding_groups=0)
     assert with_sliding.held(decoding) == without.held(decoding) + 2 * (math.ceil(1150 / BLOCK) - (1150 - WINDOW + 1) // BLOCK)
     assert with_sliding.peak(decoding) - with_sliding.held(decoding) == without.peak(decoding) - without.held(decoding)
+
+
+# --- end to end: `vllm serve` on a small random-weight Gemma 3 ---------------------
+
+TINY_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2  # full attention in layers 2 and 5
+TINY_WINDOW = 64
+TINY_RATIOS = (0.3, 0.1)  # a profile: per-layer ratios without start-up calibration
+# Pools of the same bytes: stock groups two layers per block (2 full + 2 x 2 sliding
+# layers), prefixkv one (one group per compressed layer, so one per sliding layer too).
+STOCK_BLOCKS, COMPRESSED_BLOCKS = 160, 320
+SHARED_ARGS = ("--max-model-len", "1536", "--max-num-batched-tokens", "256", "--max-num-seqs", "16")
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    """A 6-layer Gemma 3 with random weights and the demo model's tokenizer, in fp32."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+
+    demo = demo_model_path()
+    path = tmp_path_factory.mktemp("tiny-gemma3")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (path / name).write_bytes((demo / name).read_bytes())
+    demo_config = json.loads((demo / "config.json").read_text())
+    config = Gemma3TextConfig(
+        vocab_size=demo_config["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=len(TINY_TYPES),
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, layer_types=TINY_TYPES, sliding_window=TINY_WINDOW,
+        # Not head_dim: the scorer must use the layer's own scale, as the attention does.
+        query_pre_attn_scalar=48, max_position_embeddings=4096, bos_token_id=demo_config["bos_token_id"],
+        eos_token_id=demo_config["eos_token_id"], pad_token_id=demo_config.get("pad_token_id"), tie_word_embeddings=True,
+        architectures=["Gemma3ForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)  # decisive logits: greedy tokens without near-ties
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("vllm-logs")
+
+
+@pytest.fixture(scope="module")
+def profile_path(tmp_path_factory):
+    profile = Profile(ModelIdentity("tiny-gemma3", 2, 1, 64, layers=(2, 5)), "window", {0.2: TINY_RATIOS})
+    path = tmp_path_factory.mktemp("profile") / "profile.json"
+    profile.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_gemma3, log_dir):
+    with serve(str(tiny_gemma3), *SHARED_ARGS, "--num-gpu-blocks-override", str(STOCK_BLOCKS), env={"VLLM_PLUGINS": ""}, log_dir=log_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def compressed(tiny_gemma3, log_dir, profile_path):
+    # vLLM's own admission, so that a burst preempts.
+    args = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--kv-profile", str(profile_path), "--kv-admission", "stock")
+    with serve(str(tiny_gemma3), *SHARED_ARGS, *args, "--num-gpu-blocks-override", str(COMPRESSED_BLOCKS), log_dir=log_dir) as server:
+        yield server
+
+
+def completion(server, prompt: list[int], max_tokens: int, **extra) -> tuple[list[str], list[float]]:
+    """Greedy tokens and their logprobs."""
+    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 0, **extra}
+    response = requests.post(f"{server.base_url}/v1/completions", json=body, timeout=600)
+    response.raise_for_status()
+    logprobs = response.json()["choices"][0]["logprobs"]
+    return logprobs["tokens"], logprobs["token_logprobs"]
+
+
+def token_prompt(length: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(100, 40000, size=length).tolist()
+
+
+# Prompts past the sliding window, and past several blocks of compression.
+PROMPT_LENGTHS = (300, 1000)
+
+
+def test_start_up_compresses_the_full_attention_layers_only(compressed):
+    log = compressed.log()
+    assert "PrefixKV: 2 compressed layers run prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend" in log
+    line = next(line for line in log.splitlines() if "keep ratios per layer" in line)
+    assert "compressed: the 2 full-attention layers 2 5 of 6 (the other 4 keep vLLM's own KV cache)" in line
+    assert "keep ratios per layer: 0.30 0.10;" in line
+
+
+def test_request_budget_one_reproduces_stock_greedy_tokens(stock, compressed):
+    moved = 0.0
+    for seed, length in enumerate(PROMPT_LENGTHS):
+        prompt = token_prompt(length, seed)
+        tokens, logprobs = completion(stock, prompt, 24)
+        whole_tokens, whole_logprobs = completion(compressed, prompt, 24, vllm_xargs={"kv_budget": 1.0})
+        assert whole_tokens == tokens, length
+        assert whole_logprobs == pytest.approx(logprobs, abs=1e-5), length
+        _, compressed_logprobs = completion(compressed, prompt, 24)
+        moved = max(moved, max(abs(a - b) for a, b in zip(compressed_logprobs, logprobs)))
+    assert moved > 1e-3  # the server's own budget does change what the model computes
+
+
+def held_pages(prompt_len: int, computed: int, ratios) -> tuple[int, int]:
+    """Layer pages (one layer's block) one request holds: (full-attention layers, sliding layers), by the block arithmetic."""
+    from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
+
+    layout = PagedLayout(BLOCK, sink=1, recent=64, decode="fifo", interval=128)
+    allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot
+    full = sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)
+    # vLLM's own rule for the sliding-window layers, the same in both servers.
+    skipped = SlidingWindowManager.get_num_skipped_tokens(SimpleNamespace(sliding_window=TINY_WINDOW, extra_retained_tokens=0), computed)
+    return full, TINY_TYPES.count("sliding_attention") * (allocated - skipped // BLOCK)
+
+
+def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12) -> float:
+    """The highest KV usage seen while one request decodes, from its second token on."""
+    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    samples = []
+    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        chunks = 0
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks += 1
+                if 2 <= chunks < max_tokens:
+                    samples.append(server.metric("vllm:kv_cache_usage_perc"))
+    assert samples, "no sample was taken while the request decoded"
+    return max(samples)
+
+
+# Prompt lengths whose 12 decode steps stay inside one block and one window step
+# (length % 32 in 1..18), so that the holdings are constant while sampling.
+USAGE_PROMPTS = (300, 1000)
+
+
+@pytest.mark.parametrize("length", USAGE_PROMPTS)
+def test_full_attention_usage_falls_by_the_block_arithmetic_and_sliding_layers_stay_stock(stock, compressed, length):
+    prompt = token_prompt(length, seed=length)
+    computed = length + 1  # the first decode step has run: the prompt is compacted
+    stock_full, stock_sliding = held_pages(length, computed, (1.0, 1.0))
+    full, sliding = held_pages(length, computed, TINY_RATIOS)
+    assert sliding == stock_sliding and full < stock_full
+    # Stock vLLM puts two layers in each block, PrefixKV one (the same bytes per pool).
+    assert max_usage_while_decoding(stock, prompt) == pytest.approx((stock_full + stock_sliding) / 2 / (STOCK_BLOCKS - 1), abs=1e-6)
+    assert max_usage_while_decoding(compressed, prompt) == pytest.approx((full + sliding) / (COMPRESSED_BLOCKS - 1), abs=1e-6)
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_preemption_and_aborts_leave_no_blocks_behind(compressed):
+    preempted_before = compressed.metric("vllm:num_preemptions_total")
+    # Short prompts admitted together, then growing past the pool: vLLM preempts.
+    prompts = [token_prompt(90 + 7 * i, seed=100 + i) for i in range(12)]
+    results = [None] * len(prompts)
+
+    def run(index):
+        results[index] = completion(compressed, prompts[index], 320)[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    # Two streams closed early abort their requests mid-decode.
+    for prompt in prompts[:2]:
+        body = {"model": "demo", "prompt": prompt, "max_tokens": 300, "ignore_eos": True, "stream": True}
+        with requests.post(f"{compressed.base_url}/v1/completions", json=body, stream=True, timeout=600) as response:
+            for index, _ in enumerate(response.iter_lines()):
+                if index > 20:
+                    break
+    for thread in threads:
+        thread.join()
+    assert all(result is not None and len(result) == 320 for result in results)
+    assert compressed.metric("vllm:num_preemptions_total") > preempted_before, "the burst did not preempt; make it heavier"
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
