@@ -201,7 +201,7 @@ def tiny_gemma3(tmp_path_factory):
     config = Gemma3TextConfig(
         vocab_size=demo_config["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=len(TINY_TYPES),
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, layer_types=TINY_TYPES, sliding_window=TINY_WINDOW,
-        # Not head_dim: the scorer must use the layer's own scale, as the attention does.
+        # As in Gemma, queries are scaled by query_pre_attn_scalar ** -0.5, not by head_dim ** -0.5.
         query_pre_attn_scalar=48, max_position_embeddings=4096, bos_token_id=demo_config["bos_token_id"],
         eos_token_id=demo_config["eos_token_id"], pad_token_id=demo_config.get("pad_token_id"), tie_word_embeddings=True,
         architectures=["Gemma3ForCausalLM"],
