@@ -500,7 +500,9 @@ def main(argv=None) -> int:
             f"- Part 1: {args.concurrent} prompts of {min(map(len, decode_prompts))}-{max(map(len, decode_prompts))} tokens "
             f"sent at once, {args.decode_tokens} tokens decoded each (`ignore_eos`), `/metrics` polled every {args.poll} s",
             f"- Part 2: {args.pressure_requests} prompts of {min(map(len, pressure_prompts))}-{max(map(len, pressure_prompts))} tokens "
-            f"sent at once, {args.pressure_decode_tokens} tokens each (`ignore_eos`), greedy",
+            f"sent at once, {args.pressure_decode_tokens} tokens each (`ignore_eos`), greedy"
+            if args.pressure_policies
+            else "- Part 2: not run",
             "- Prompts: `benchmarks/prompts.py` (docstring documents, records, needles); all requests stream over HTTP",
             "- *Other jobs' CPU*: CPU time that processes outside this benchmark took during the load, as a share of the "
             "machine (from /proc); the machine is shared, so compare timings only where it is near 0",
