@@ -47,6 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 from prefixkv_vllm.tools.server import ServerProcess, vllm_server, vllm_version  # noqa: E402
 
 BLOCK_SIZE = 32
@@ -149,11 +150,37 @@ def run_load(server: Server, prompts: list[list[int]], max_tokens: int, poll_s: 
 # --- expected usage from the block arithmetic -----------------------------------------
 
 
-def expected_blocks(prompt_len: int, generated: int, ratios: list[float] | None, decode: str = "off") -> float:
-    """Blocks a request holds, in units of one stock block (all layers), after ``generated`` tokens.
+def model_layout(model: str) -> dict:
+    """What the block arithmetic needs of a checkpoint: its compressed and sliding-window layers, and the bytes of a layer's block."""
+    from types import SimpleNamespace
 
-    The layout contract the server uses (``policy.paged``) at the server's defaults (sink 1, recent 64,
-    a decode round every 128 tokens).
+    from prefixkv_vllm.policy.layers import full_attention_layers
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    text = config.get("text_config", config)
+    num_layers = text["num_hidden_layers"]
+    full = full_attention_layers(SimpleNamespace(**text), num_layers)
+    kv_heads = text.get("num_key_value_heads") or text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    return {
+        "num_layers": num_layers,
+        "full_layers": len(full),
+        "sliding_layers": num_layers - len(full),  # the models benchmarked here have only these two kinds
+        "sliding_window": text.get("sliding_window"),
+        "kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "page_bytes": 2 * kv_heads * head_dim * 4 * BLOCK_SIZE,  # fp32 keys and values of one layer's block
+        "name": Path(model).name,
+    }
+
+
+def expected_pages(prompt_len: int, generated: int, ratios: list[float] | None, layout_info: dict, decode: str = "off") -> float:
+    """Layer blocks ("pages") a request holds after ``generated`` tokens, by the block arithmetic.
+
+    Full-attention layers: the layout contract the server uses (``policy.paged``) at the server's
+    defaults (sink 1, recent 64, a decode round every 128 tokens), or every block without a
+    policy. Sliding-window layers: vLLM's own rule (the blocks before the window are freed),
+    with or without a policy.
     """
     import numpy as np
 
@@ -162,11 +189,16 @@ def expected_blocks(prompt_len: int, generated: int, ratios: list[float] | None,
     # The last generated token is not in the cache yet when it is returned.
     computed = prompt_len + max(0, generated - 1)
     total = math.ceil(computed / BLOCK_SIZE)
-    if not ratios:
-        return float(total)
-    layout = PagedLayout(BLOCK_SIZE, sink=1, recent=64, decode=decode, interval=128)
-    start, _ = live_blocks(prompt_len, computed, np.array(ratios), layout)
-    return float(np.mean(total - np.asarray(start)))
+    if ratios:
+        layout = PagedLayout(BLOCK_SIZE, sink=1, recent=64, decode=decode, interval=128)
+        start, _ = live_blocks(prompt_len, computed, np.array(ratios), layout)
+        full = float(np.sum(total - np.asarray(start)))
+    else:
+        full = float(layout_info["full_layers"] * total)
+    if not layout_info["sliding_layers"]:
+        return full
+    skipped = max(0, computed - layout_info["sliding_window"] + 1) // BLOCK_SIZE
+    return full + layout_info["sliding_layers"] * (total - skipped)
 
 
 def _ratios_from_log(log: str) -> list[float] | None:
@@ -196,7 +228,7 @@ def config_args(config: dict, scorer: str) -> list[str]:
     return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-scorer", scorer, "--kv-decode", config["decode"]]
 
 
-def summarize_decode(load: dict, prompts: list[list[int]], ratios, pool_blocks: int | None, decode: str) -> dict:
+def summarize_decode(load: dict, prompts: list[list[int]], ratios, layout_info: dict, pool_pages: int, mode: str) -> dict:
     """Usage while every request decodes (after its first token, before any finished)."""
     decode = [s for s in load["samples"] if s["usage"] is not None and min(s["progress"]) >= 2 and not any(s["finished"])]
     usages = [s["usage"] for s in decode]
@@ -211,9 +243,9 @@ def summarize_decode(load: dict, prompts: list[list[int]], ratios, pool_blocks: 
         "foreign_share": load["cpu"]["foreign_share"],
         "errors": load["errors"],
     }
-    if decode and pool_blocks:
+    if decode:
         predicted = [
-            sum(expected_blocks(len(p), g, ratios, decode) for p, g in zip(prompts, s["progress"])) / pool_blocks for s in decode
+            sum(expected_pages(len(p), g, ratios, layout_info, mode) for p, g in zip(prompts, s["progress"])) / pool_pages for s in decode
         ]
         result["decode_usage_predicted_mean"] = sum(predicted) / len(predicted)
     return result
@@ -373,6 +405,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between /metrics samples")
     parser.add_argument("--skip-decode", action="store_true", help="skip part 1")
+    parser.add_argument("--model", choices=DEMO_MODELS, default=DEMO_MODELS[0], help="demo model (`prefixkv demo-model --name`)")
+    parser.add_argument("--stem", default="memory", help="output file names: STEM.md, STEM.json, STEM.png")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
     args = parser.parse_args(argv)
@@ -380,14 +414,16 @@ def main(argv=None) -> int:
     from prompts import build_prompts
     from transformers import AutoTokenizer
 
-    from prefixkv_vllm.tools.demo_model import demo_model_path
+    from prefixkv_vllm.tools.demo_model import model_path
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running server on the way out
     begun = time.time()
     command_line = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model = str(demo_model_path())
+    model = str(model_path(args.model))
+    layout_info = model_layout(model)
+    pool_pages = args.kv_space_gib * 2**30 // layout_info["page_bytes"]  # every configuration's pool, in layer blocks
     tokenizer = AutoTokenizer.from_pretrained(model)
     decode_prompts = [p.prompt_token_ids for p in build_prompts(tokenizer, args.concurrent, args.prompt_tokens - 100, args.prompt_tokens, seed=1)]
     pressure_prompts = [
@@ -400,7 +436,6 @@ def main(argv=None) -> int:
         for policy in args.policies + [p for p in args.pressure_policies if p not in args.policies]:
             configs.extend({"policy": policy, "budget": budget, "decode": decode} for decode in args.decode)
     results = []
-    stock_pool_blocks = None
     for config in configs:
         in_decode = not args.skip_decode and (config["policy"] == "none" or (config["budget"] in args.budgets and config["policy"] in args.policies))
         in_pressure = bool(args.pressure_policies) and (
@@ -420,12 +455,10 @@ def main(argv=None) -> int:
                 log = server.log()
                 row["ratios"] = _ratios_from_log(log)
                 row["capacity_tokens"] = _capacity_from_log(log)
-                if config["policy"] == "none" and row["capacity_tokens"]:
-                    stock_pool_blocks = row["capacity_tokens"] // BLOCK_SIZE
                 if in_decode:
                     load = run_load(server, decode_prompts, args.decode_tokens, args.poll)
                     row["decode_load"] = load
-                    row["decode"] = summarize_decode(load, decode_prompts, row["ratios"], stock_pool_blocks, config.get("decode", "off"))
+                    row["decode"] = summarize_decode(load, decode_prompts, row["ratios"], layout_info, pool_pages, config.get("decode", "off"))
                     d = row["decode"]
                     print(
                         f"[memory] {name}: decode usage mean {d['decode_usage_mean']:.1%} (predicted "
@@ -461,13 +494,15 @@ def main(argv=None) -> int:
             f"`vllm serve` ({vllm_version()}) with {' '.join(SERVE_ARGS[:-3])} --max-model-len {args.max_model_len}, "
             f"prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} (the same pool in bytes for every configuration), "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
-            "- Model: SmolLM2-135M-Instruct demo checkpoint (30 layers, 3 KV heads of 64: 46 KiB of fp32 KV per token)",
+            f"- Model: {describe_model(layout_info)}",
             f"- Plugin: `--kv-scorer {args.scorer}`, sink 1, recent 64, decode rounds every 128 tokens; `prefixkv` ratios "
             "calibrated at start-up (cached)",
             f"- Part 1: {args.concurrent} prompts of {min(map(len, decode_prompts))}-{max(map(len, decode_prompts))} tokens "
             f"sent at once, {args.decode_tokens} tokens decoded each (`ignore_eos`), `/metrics` polled every {args.poll} s",
             f"- Part 2: {args.pressure_requests} prompts of {min(map(len, pressure_prompts))}-{max(map(len, pressure_prompts))} tokens "
-            f"sent at once, {args.pressure_decode_tokens} tokens each (`ignore_eos`), greedy",
+            f"sent at once, {args.pressure_decode_tokens} tokens each (`ignore_eos`), greedy"
+            if args.pressure_policies
+            else "- Part 2: not run",
             "- Prompts: `benchmarks/prompts.py` (docstring documents, records, needles); all requests stream over HTTP",
             "- *Other jobs' CPU*: CPU time that processes outside this benchmark took during the load, as a share of the "
             "machine (from /proc); the machine is shared, so compare timings only where it is near 0",
@@ -475,11 +510,19 @@ def main(argv=None) -> int:
         ]
     )
     table = markdown(results, header)
-    (args.out_dir / "memory.md").write_text(table)
-    (args.out_dir / "memory.json").write_text(json.dumps({"command": command_line, "results": [_compact(r) for r in results]}))
-    plot(results, args.out_dir / "memory.png")
+    (args.out_dir / f"{args.stem}.md").write_text(table)
+    (args.out_dir / f"{args.stem}.json").write_text(json.dumps({"command": command_line, "results": [_compact(r) for r in results]}))
+    plot(results, args.out_dir / f"{args.stem}.png")
     print(table)
     return 0 if all("error" not in r.get(p, {}) for r in results for p in ("decode", "pressure")) else 1
+
+
+def describe_model(info: dict) -> str:
+    per_token_kib = info["num_layers"] * info["page_bytes"] / BLOCK_SIZE / 1024
+    kinds = f"{info['num_layers']} layers"
+    if info["sliding_layers"]:
+        kinds += f" ({info['full_layers']} full attention, compressed; {info['sliding_layers']} sliding-window of {info['sliding_window']} tokens, vLLM's own)"
+    return f"`{info['name']}` (`prefixkv demo-model`), {kinds}, {info['kv_heads']} KV heads of {info['head_dim']}: {per_token_kib:.0f} KiB of fp32 KV per token"
 
 
 def _compact(row: dict) -> dict:

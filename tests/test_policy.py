@@ -250,8 +250,8 @@ class TestProfile:
 
     def test_model_mismatch(self):
         with pytest.raises(ProfileError, match="profile is for SmolLM2"):
-            self.make().check_model(30, 3, 64)
-        self.make().check_model(3, 3, 64)
+            self.make().check_model(tuple(range(30)), 3, 64)
+        self.make().check_model((0, 1, 2), 3, 64)
 
     @pytest.mark.parametrize(
         "mutate, message",

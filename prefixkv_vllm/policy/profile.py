@@ -6,14 +6,18 @@ Example::
       "format": "prefixkv-profile",
       "version": 1,
       "model": {"name": "SmolLM2-135M-Instruct", "num_layers": 30,
-                "num_kv_heads": 3, "head_dim": 64},
+                "layers": [0, 1, ..., 29], "num_kv_heads": 3, "head_dim": 64},
       "scorer": "mean",
       "entries": [{"budget": 0.2, "keep_ratios": [0.51, 0.18, ...]}],
       "provenance": {"tool": "prefixkv calibrate", "samples": 16, ...}
     }
 
-Each entry's ``keep_ratios`` has one ratio in (0, 1] per layer, averaging to the
-entry's ``budget``.
+A profile covers the model's compressed layers only: its full-attention layers
+(sliding-window and other local layers keep vLLM's own cache). ``num_layers``
+counts them and ``layers`` gives their indices in the model, ascending (absent in
+older profiles, meaning ``0 .. num_layers - 1``). Each entry's ``keep_ratios`` has
+one ratio in (0, 1] per compressed layer, in that order, averaging to the entry's
+``budget``.
 """
 
 from __future__ import annotations
@@ -36,9 +40,18 @@ class ProfileError(ValueError):
 @dataclass(frozen=True)
 class ModelIdentity:
     name: str
-    num_layers: int
+    num_layers: int  # compressed (full-attention) layers
     num_kv_heads: int
     head_dim: int
+    layers: tuple[int, ...] | None = None  # their indices in the model; None: 0 .. num_layers - 1
+
+    def __post_init__(self):
+        layers = tuple(range(self.num_layers)) if self.layers is None else tuple(self.layers)
+        if len(layers) != self.num_layers:
+            raise ProfileError(f"profile lists {len(layers)} layer indices for {self.num_layers} layers")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers) or list(layers) != sorted(set(layers)):
+            raise ProfileError(f"profile layer indices must be distinct non-negative integers, ascending: {list(layers)[:8]}")
+        object.__setattr__(self, "layers", layers)
 
 
 @dataclass(frozen=True)
@@ -61,19 +74,26 @@ class Profile:
         available = ", ".join(f"{b:g}" for b in sorted(self.entries))
         raise ProfileError(f"profile has no entry for budget {budget:g} (it has: {available})")
 
-    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+    def check_model(self, layers: Sequence[int], num_kv_heads: int, head_dim: int) -> None:
+        """``layers``: the indices of the model's compressed (full-attention) layers."""
         expected = (self.model.num_layers, self.model.num_kv_heads, self.model.head_dim)
-        if expected != (num_layers, num_kv_heads, head_dim):
+        actual = (len(layers), num_kv_heads, head_dim)
+        if expected != actual:
             raise ProfileError(
-                f"profile is for {self.model.name} (layers, kv heads, head dim = {expected}), "
-                f"but the model has {(num_layers, num_kv_heads, head_dim)}"
+                f"profile is for {self.model.name} (compressed layers, kv heads, head dim = {expected}), "
+                f"but the model has {actual}"
+            )
+        if self.model.layers != tuple(layers):
+            raise ProfileError(
+                f"profile is for {self.model.name} with full attention in layers {list(self.model.layers)}, "
+                f"but the model has it in layers {list(layers)}"
             )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "version": VERSION,
-            "model": vars(self.model).copy(),
+            "model": {**vars(self.model), "layers": list(self.model.layers)},
             "scorer": self.scorer,
             "entries": [{"budget": b, "keep_ratios": list(r)} for b, r in sorted(self.entries.items())],
             "provenance": self.provenance,
@@ -94,6 +114,7 @@ class Profile:
                 num_layers=_positive_int(data["model"]["num_layers"], "model.num_layers"),
                 num_kv_heads=_positive_int(data["model"]["num_kv_heads"], "model.num_kv_heads"),
                 head_dim=_positive_int(data["model"]["head_dim"], "model.head_dim"),
+                layers=None if data["model"].get("layers") is None else tuple(data["model"]["layers"]),
             )
             entries: dict[float, tuple[float, ...]] = {}
             for entry in data["entries"]:

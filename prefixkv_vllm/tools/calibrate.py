@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..policy import Profile, average_keep_ratios, importance_curves, make_scorer, search_prefix_config
+from ..policy.layers import full_attention_layers
 from ..policy.profile import ModelIdentity
 
 RECIPE_VERSION = 1
@@ -56,12 +57,13 @@ def calibration_prompts(tokenizer, num_prompts: int, max_tokens: int) -> list[li
 
 
 @torch.no_grad()
-def layer_attention(model, input_ids: list[int], min_query_pos: int) -> list[torch.Tensor]:
-    """Per layer, the attention each token receives from queries at ``>= min_query_pos``: ``[Hkv, S]``."""
+def layer_attention(model, input_ids: list[int], min_query_pos: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    """Per layer in ``layers``, the attention each token receives from queries at ``>= min_query_pos``: ``[Hkv, S]``."""
     num_kv_heads = _num_kv_heads(model.config.get_text_config())
     outputs = model(torch.tensor([input_ids]), output_attentions=True, use_cache=False)
     accumulated = []
-    for probs in outputs.attentions:  # [1, Hq, S, S]
+    for layer in layers:
+        probs = outputs.attentions[layer]  # [1, Hq, S, S], softmax of the layer's own scaled logits
         received = probs[0, :, min_query_pos:, :].float().sum(dim=1)  # [Hq, S]
         accumulated.append(received.view(num_kv_heads, -1, received.shape[-1]).mean(dim=1))
     return accumulated
@@ -91,12 +93,16 @@ def calibrate(
     model = auto_class.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
     ).eval()
+    # Only the full-attention layers are compressed; the others keep vLLM's own cache.
+    layers = full_attention_layers(text_config, text_config.num_hidden_layers)
+    if not layers:
+        raise ValueError(f"{model_path} has no full-attention layers: nothing to calibrate")
     token_scorer = make_scorer(scorer, window=window)
     counts = {budget: [] for budget in budgets}
     lengths = []
     for input_ids in calibration_prompts(tokenizer, num_prompts, max_tokens):
         prompt_len = len(input_ids)
-        accumulated = layer_attention(model, input_ids, token_scorer.min_query_pos(prompt_len))
+        accumulated = layer_attention(model, input_ids, token_scorer.min_query_pos(prompt_len), layers)
         layer_scores = torch.stack([token_scorer.scores(a, prompt_len)[0] for a in accumulated])
         curves = importance_curves(layer_scores)
         for budget in budgets:
@@ -104,9 +110,10 @@ def calibrate(
         lengths.append(prompt_len)
     identity = ModelIdentity(
         name=Path(model_path).name,
-        num_layers=text_config.num_hidden_layers,
+        num_layers=len(layers),
         num_kv_heads=_num_kv_heads(text_config),
         head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
+        layers=layers,
     )
     return Profile(
         identity,

@@ -31,7 +31,7 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["DemoModelError", "cached_build", "default_cache_dir", "demo_model_path", "main"]
+__all__ = ["DEMO_MODELS", "DemoModelError", "cached_build", "default_cache_dir", "demo_model_path", "main", "model_path"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,21 @@ def demo_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         "dtype": "bfloat16",
     }
     return cached_build(cache / MODEL_NAME, _RECIPE_VERSION, _build_checkpoint, details, _REQUIRED_FILES)
+
+
+# ``prefixkv demo-model --name NAME``: the default, and a model with hybrid attention.
+DEMO_MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+def model_path(name: str = DEMO_MODELS[0], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The checkpoint directory of demo model ``name`` (``DEMO_MODELS``), built on first use."""
+    if name == "gemma3-270m":
+        from .gemma3_model import gemma3_model_path
+
+        return gemma3_model_path(cache_dir)
+    if name != DEMO_MODELS[0]:
+        raise DemoModelError(f"unknown demo model {name!r}; choose one of {', '.join(DEMO_MODELS)}")
+    return demo_model_path(cache_dir)
 
 
 def cached_build(
@@ -324,7 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     """``prefixkv demo-model``: print the checkpoint path, building it on first use."""
     parser = argparse.ArgumentParser(
         prog="prefixkv demo-model",
-        description=f"Print the path of a local {MODEL_NAME} checkpoint, building it on first use.",
+        description=f"Print the path of a local {MODEL_NAME} checkpoint (or --name gemma3-270m), building it on first use.",
+    )
+    parser.add_argument(
+        "--name",
+        choices=DEMO_MODELS,
+        default=DEMO_MODELS[0],
+        help="smollm2-135m: SmolLM2-135M-Instruct (default); gemma3-270m: Gemma 3 270M base, hybrid sliding-window attention",
     )
     parser.add_argument(
         "--cache-dir",
@@ -337,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     # Progress goes to stderr so that stdout is just the path, for $(...).
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        path = demo_model_path(args.cache_dir)
+        path = model_path(args.name, args.cache_dir)
     except (DemoModelError, OSError) as exc:  # OSError: e.g. an unwritable cache directory
         print(f"prefixkv demo-model: error: {exc}", file=sys.stderr)
         return 1

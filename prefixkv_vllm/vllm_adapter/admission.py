@@ -26,13 +26,28 @@ from .request_options import SCHEDULER_BUDGETS
 
 
 class Admission:
-    def __init__(self, kv_cache_config, running: list, max_model_len: int) -> None:
-        self.specs = [group.kv_cache_spec for group in kv_cache_config.kv_cache_groups]
-        if not all(isinstance(spec, PrefixKVAttentionSpec) for spec in self.specs):
-            raise TypeError("compression-aware admission needs every KV-cache group to be a PrefixKV group")
+    """Peaks and holdings of every KV-cache group, per request.
+
+    PrefixKV groups follow ``policy.paged``. The other groups of a hybrid model
+    (sliding-window, chunked-local: vLLM's own managers) follow vLLM's rules: a
+    group holds the blocks its manager has not skipped (``get_num_skipped_tokens``),
+    and its peak is capped by the spec's ``max_admission_blocks_per_request``, the
+    bound vLLM sizes its pool and admits by: the tokens in flight on top of the
+    window (a prefill chunk per concurrent batch while prefilling, one token per
+    concurrent batch while decoding). A group without such a bound (e.g. Mamba)
+    counts as holding every token, which over-reserves and never under-reserves.
+    """
+
+    def __init__(self, vllm_config, kv_cache_config, managers, running: list) -> None:
+        groups = list(zip((group.kv_cache_spec for group in kv_cache_config.kv_cache_groups), managers))
+        self.specs = [spec for spec, _ in groups if isinstance(spec, PrefixKVAttentionSpec)]
+        self.others = [(spec, manager) for spec, manager in groups if not isinstance(spec, PrefixKVAttentionSpec)]
+        if not self.specs:
+            raise TypeError("compression-aware admission needs a PrefixKV KV-cache group")
         self.layout = self.specs[0].layout
         self.running = running  # the scheduler's own list, mutated in place by vLLM
-        self.max_model_len = max_model_len
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.in_flight = {True: vllm_config.max_in_flight_tokens, False: vllm_config.max_concurrent_batches}
         self._peaks: dict[tuple[str, bool], int] = {}
 
     def _ratios(self, request_id: str) -> np.ndarray:
@@ -49,18 +64,38 @@ class Admission:
             final_len = min(request.num_prompt_tokens + request.max_tokens, self.max_model_len)
             ratios = self._ratios(request.request_id)
             peak = peak_live_blocks(request.num_prompt_tokens, final_len, ratios, self.layout, prefill=prefill)
+            peak += sum(self._other_peak(spec, final_len, prefill) for spec, _ in self.others)
             self._peaks[key] = peak
         return peak
+
+    def _other_peak(self, spec, final_len: int, prefill: bool) -> int:
+        blocks = -(-final_len // spec.block_size)
+        bound = getattr(spec, "max_admission_blocks_per_request", None)
+        if bound is None:
+            return blocks
+        cap = bound(self.in_flight[False], self.max_model_len)
+        if prefill:
+            cap = max(cap, bound(self.in_flight[True], self.max_model_len))
+        return min(blocks, cap)
+
+    def _other_blocks(self, tokens: int, computed: int) -> int:
+        """Blocks vLLM's own groups hold with ``tokens`` slots once ``computed`` tokens are processed."""
+        return sum(
+            -(-tokens // spec.block_size) - manager.get_num_skipped_tokens(computed) // spec.block_size
+            for spec, manager in self.others
+        )
 
     def held(self, request) -> int:
         computed = request.num_computed_tokens
         start, _ = live_blocks(request.num_prompt_tokens, computed, self._ratios(request.request_id), self.layout)
-        return int((-(-computed // self.layout.block_size) - np.asarray(start)).sum())
+        compressed = int((-(-computed // self.layout.block_size) - np.asarray(start)).sum())
+        return compressed + self._other_blocks(computed, computed)
 
     def reserved_for(self, request, num_new_tokens: int) -> int:
         """Blocks to keep free when admitting ``request``: the running requests' growth and its own beyond this step."""
         growth = sum(max(0, self.peak(r) - self.held(r)) for r in self.running if r is not request)
-        now = len(self.specs) * -(-(request.num_computed_tokens + num_new_tokens) // self.layout.block_size)
+        tokens = request.num_computed_tokens + num_new_tokens
+        now = len(self.specs) * -(-tokens // self.layout.block_size) + self._other_blocks(tokens, request.num_computed_tokens)
         return growth + max(0, self.peak(request) - now)
 
     def release(self, request_id: str) -> None:

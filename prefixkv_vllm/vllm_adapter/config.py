@@ -44,7 +44,9 @@ class PrefixKVConfig:
     admission: str = "reserve"
     tiers: int = 0  # KV-cache groups for the per-layer ratios; 0 = one per layer
     profile: str | None = None
-    # Per-layer keep ratios, resolved once at start-up (profile or calibration).
+    # Resolved once at start-up: the indices of the compressed (full-attention) layers,
+    # and one keep ratio per compressed layer (profile or calibration), in that order.
+    layers: tuple[int, ...] | None = None
     keep_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self):
@@ -83,6 +85,8 @@ class PrefixKVConfig:
         kwargs = {name: data[f"kv_{name}"] for name in names if f"kv_{name}" in data}
         if kwargs.get("keep_ratios") is not None:
             kwargs["keep_ratios"] = tuple(float(r) for r in kwargs["keep_ratios"])
+        if kwargs.get("layers") is not None:
+            kwargs["layers"] = tuple(int(i) for i in kwargs["layers"])
         if isinstance(kwargs.get("budget"), (int, float)) and not isinstance(kwargs.get("budget"), bool):
             kwargs["budget"] = float(kwargs["budget"])
         return cls(**kwargs)

@@ -49,6 +49,9 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
     @classmethod
     def merge(cls, specs: list["PrefixKVAttentionSpec"]) -> "PrefixKVAttentionSpec":
         # FullAttentionSpec.merge rebuilds the spec from its own fields only.
+        if not all(isinstance(spec, PrefixKVAttentionSpec) for spec in specs):
+            # vLLM's grouping also probes merging with other kinds (a hybrid model's sliding-window layers).
+            raise AssertionError("a PrefixKV layer cannot share a KV-cache group with another kind of layer")
         settings = {spec.prefixkv_settings for spec in specs}
         if len(settings) != 1:
             # vLLM's grouping probes merge() and reads an AssertionError as "not uniform".

@@ -28,7 +28,9 @@ Patched at ``register()``, on a supported version only:
    ``CpuPlatform.get_attn_backend_cls``, which otherwise ignores the choice) and binds
    on the runner:
 
-   * ``get_kv_cache_spec``: per-layer ``PrefixKVAttentionSpec`` (start-up);
+   * ``get_kv_cache_spec``: per-layer ``PrefixKVAttentionSpec`` for the full-attention
+     layers (start-up); every other layer keeps the spec vLLM built (``SlidingWindowSpec``,
+     chunked-local, Mamba), so its own manager and backend;
    * ``initialize_kv_cache``: every compressed layer must run a PrefixKV backend (start-up);
    * ``_update_states``: drops the scores of finished and preempted requests (per step);
    * ``_build_attention_metadata``: publishes prompt lengths, per-request budgets and
@@ -37,12 +39,20 @@ Patched at ``register()``, on a supported version only:
 5. ``Scheduler.__init__`` (and its subclasses): with a policy, binds ``add_request`` and
    ``_free_request`` (per-request budgets for the KV manager) and, with
    ``--kv-admission reserve``, its ``KVCacheManager.allocate_slots`` (admission of
-   waiting and preempted requests passes ``reserved_blocks``; ``admission.py``).
+   waiting and preempted requests passes ``reserved_blocks``; ``admission.py``). On a
+   hybrid model admission reads vLLM's own groups through their managers
+   (``KVCacheManager.coordinator.single_type_managers``, ``get_num_skipped_tokens``) and
+   specs (``max_admission_blocks_per_request``, with ``VllmConfig.max_in_flight_tokens``
+   and ``max_concurrent_batches``).
 6. ``InputProcessor.__init__``: with a policy, binds ``_validate_params`` (a bad
    ``kv_budget`` gets HTTP 400) and ``process_inputs`` (streaming-input sessions are
    refused: they extend a prompt that may already be compacted).
 
-Relied on without patching (``kv_spec``, ``backends``): ``FullAttentionSpec.merge`` and
+Relied on without patching (``kv_spec``, ``backends``, ``startup``): the text config's
+``layer_types`` naming the layers vLLM's model files give a sliding window or other
+local attention (``policy.layers``), ``get_attn_spec_kind`` sending only
+``full_attention`` layers to ``backend_per_kind["full_attention"]``, vLLM's grouping
+probing ``merge()`` across kinds and catching ``AssertionError``, ``FullAttentionSpec.merge`` and
 ``is_uniform_with_collection``, ``FullAttentionManager._remove_blocks_in_range`` and
 ``remove_skipped_blocks``' call on the processed-token count, ``Scheduler.running``
 (mutated in place), ``Request.max_tokens``, ``InputBatch.num_computed_tokens_cpu``, the
@@ -281,8 +291,10 @@ def bind_scheduler(scheduler, config: PrefixKVConfig) -> None:
     original_free = scheduler._free_request
     admission = None
     if config.admission == "reserve":
-        admission = Admission(scheduler.kv_cache_config, scheduler.running, scheduler.vllm_config.model_config.max_model_len)
         manager = scheduler.kv_cache_manager
+        admission = Admission(
+            scheduler.vllm_config, scheduler.kv_cache_config, manager.coordinator.single_type_managers, scheduler.running
+        )
         original_allocate = manager.allocate_slots
 
         def allocate_slots(request, num_new_tokens, *args, **kwargs):

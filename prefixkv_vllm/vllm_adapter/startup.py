@@ -9,6 +9,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from ..policy import Profile, ProfileError
+from ..policy.layers import describe_layer_kinds, full_attention_layers
 from ..policy.paged import evicted_tokens
 from .config import PrefixKVConfig, PrefixKVConfigError
 from .kv_spec import PrefixKVAttentionSpec
@@ -31,24 +32,41 @@ def configure_engine(vllm_config) -> None:
     _check_supported(vllm_config)
     select_attention_backend(vllm_config)
     num_layers = model_config.get_num_layers(vllm_config.parallel_config)
-    if config.tiers and num_layers % config.tiers:
-        raise PrefixKVConfigError(f"--kv-tiers {config.tiers} must divide the model's {num_layers} layers evenly")
+    layers = full_attention_layers(model_config.hf_text_config, num_layers)
+    if not layers:
+        raise PrefixKVConfigError(
+            f"PrefixKV has nothing to compress: {model_config.model} has no full-attention layers "
+            f"({describe_layer_kinds(model_config.hf_text_config, num_layers)})"
+        )
+    if config.layers is not None and config.layers != layers:
+        raise PrefixKVConfigError(f"kv_layers {list(config.layers)} are not the model's full-attention layers {list(layers)}")
+    config = dataclasses.replace(config, layers=layers)
+    hybrid = len(layers) < num_layers
+    if config.tiers and len(layers) % config.tiers:
+        raise PrefixKVConfigError(f"--kv-tiers {config.tiers} must divide the model's {_layer_count(layers, num_layers)} evenly")
     if config.keep_ratios is None:
-        config = config.with_keep_ratios(_keep_ratios(config, vllm_config, num_layers))
-    elif len(config.keep_ratios) != num_layers:
-        raise PrefixKVConfigError(f"kv_keep_ratios has {len(config.keep_ratios)} entries for {num_layers} layers")
+        config = config.with_keep_ratios(_keep_ratios(config, vllm_config, layers))
+    elif len(config.keep_ratios) != len(layers):
+        raise PrefixKVConfigError(f"kv_keep_ratios has {len(config.keep_ratios)} entries for {_layer_count(layers, num_layers)}")
     block_size = vllm_config.cache_config.block_size
     if config.decode != "off" and block_size and config.decode_interval % block_size:
         raise PrefixKVConfigError(
             f"--kv-decode-interval {config.decode_interval} must be a multiple of the block size {block_size}"
         )
-    if len(set(config.keep_ratios)) > 1 and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
-        raise PrefixKVConfigError("per-layer KV budgets need vLLM's hybrid KV-cache manager; drop --disable-hybrid-kv-cache-manager")
+    if (len(set(config.keep_ratios)) > 1 or hybrid) and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
+        what = "a model with sliding-window or other local layers" if hybrid else "per-layer KV budgets"
+        raise PrefixKVConfigError(f"PrefixKV on {what} needs vLLM's hybrid KV-cache manager; drop --disable-hybrid-kv-cache-manager")
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), **config.to_additional_config()}
     if vllm_config.cache_config.enable_prefix_caching:
         vllm_config.cache_config.enable_prefix_caching = False
         logger.info("PrefixKV: prefix caching is off (compaction rewrites prompt blocks in place)")
-    _log_plan(config, vllm_config.cache_config.block_size)
+    _log_plan(config, vllm_config.cache_config.block_size, num_layers)
+
+
+def _layer_count(layers: tuple[int, ...], num_layers: int) -> str:
+    if len(layers) == num_layers:
+        return f"{num_layers} layers"
+    return f"{len(layers)} full-attention layers"
 
 
 def _check_supported(vllm_config) -> None:
@@ -58,8 +76,6 @@ def _check_supported(vllm_config) -> None:
         reasons.append("encoder-decoder models")
     if model_config.use_mla:
         reasons.append("MLA attention")
-    if model_config.get_sliding_window() is not None or getattr(model_config.hf_text_config, "layer_types", None):
-        reasons.append("sliding-window or mixed attention layers")
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding")
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
@@ -106,37 +122,47 @@ def select_attention_backend(vllm_config) -> None:
     attention.backend_per_kind = {**attention.backend_per_kind, kind: AttentionBackendEnum.CUSTOM}
 
 
-def _keep_ratios(config: PrefixKVConfig, vllm_config, num_layers: int) -> tuple[float, ...]:
+def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]) -> tuple[float, ...]:
+    """One keep ratio per compressed layer, in the order of ``layers``."""
     model_config = vllm_config.model_config
     if config.profile is not None:
         try:
             profile = Profile.load(config.profile)
-            profile.check_model(num_layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
+            profile.check_model(layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
             return profile.keep_ratios(config.budget)
         except ProfileError as exc:
             raise PrefixKVConfigError(f"--kv-profile {config.profile}: {exc}") from None
     if config.policy in ("uniform", "streaming") or config.budget >= 1.0:
-        return (config.budget,) * num_layers  # a full budget keeps every layer whole: nothing to calibrate
+        return (config.budget,) * len(layers)  # a full budget keeps every layer whole: nothing to calibrate
     from ..tools.calibrate import cached_calibration
 
     profile = cached_calibration(model_config.model, config.budget, config.scorer, config.window)
-    profile.check_model(num_layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
+    profile.check_model(layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
     return profile.keep_ratios(config.budget)
 
 
-def _log_plan(config: PrefixKVConfig, block_size: int) -> None:
+def _log_plan(config: PrefixKVConfig, block_size: int, num_layers: int) -> None:
     ratios = config.keep_ratios
     reference_prompt = 2048
     evicted = sum(evicted_tokens(reference_prompt, r, block_size, config.sink, config.recent) for r in ratios)
     saving = evicted / (reference_prompt * len(ratios))
+    if len(config.layers) == num_layers:
+        compressed = f"all {num_layers} layers"
+    else:
+        others = num_layers - len(config.layers)
+        compressed = (
+            f"the {len(config.layers)} full-attention layers {' '.join(map(str, config.layers))} of {num_layers} "
+            f"(the other {others} keep vLLM's own KV cache)"
+        )
     logger.info(
-        "PrefixKV: policy=%s budget=%g scorer=%s decode=%s (every %d tokens); keep ratios per layer: %s; "
-        "a %d-token prompt frees %.0f%% of its KV cache after prefill (block size %d)",
+        "PrefixKV: policy=%s budget=%g scorer=%s decode=%s (every %d tokens); compressed: %s; "
+        "keep ratios per layer: %s; a %d-token prompt frees %.0f%% of their KV cache after prefill (block size %d)",
         config.policy,
         config.budget,
         config.scorer,
         config.decode,
         config.decode_interval,
+        compressed,
         " ".join(f"{r:.2f}" for r in ratios),
         reference_prompt,
         100 * saving,
@@ -145,16 +171,22 @@ def _log_plan(config: PrefixKVConfig, block_size: int) -> None:
 
 
 def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig) -> dict[str, KVCacheSpec]:
-    """Each attention layer's spec, carrying its (tiered) keep ratio."""
-    for name, spec in specs.items():
-        if type(spec) is not FullAttentionSpec:
-            raise PrefixKVConfigError(f"PrefixKV supports full attention only; layer {name} has {type(spec).__name__}")
-    names = sorted(specs, key=extract_layer_index)
+    """The model's KV-cache specs with each compressed layer's carrying its (tiered) keep ratio.
+
+    Only the full-attention layers that start-up resolved (``config.layers``) are
+    compressed; every other layer (sliding window, chunked local, linear attention)
+    keeps the spec vLLM built, and so its own manager and backend.
+    """
+    full = {extract_layer_index(name): name for name, spec in specs.items() if type(spec) is FullAttentionSpec}
+    if tuple(sorted(full)) != config.layers:
+        raise PrefixKVConfigError(
+            f"start-up planned to compress the full-attention layers {list(config.layers)}, "
+            f"but the model built full attention in layers {sorted(full)}"
+        )
     ratios = _tiered(config.keep_ratios, config.tiers)
-    if len(ratios) != len(names):
-        raise PrefixKVConfigError(f"{len(ratios)} keep ratios for {len(names)} attention layers")
-    converted = {}
-    for name, ratio in zip(names, ratios):
+    converted = dict(specs)
+    for index, ratio in zip(config.layers, ratios):
+        name = full[index]
         fields = {f.name: getattr(specs[name], f.name) for f in dataclasses.fields(FullAttentionSpec) if f.init}
         converted[name] = PrefixKVAttentionSpec(
             **fields,
