@@ -93,7 +93,8 @@ def config_name(config: dict) -> str:
         return "full cache"
     scorer = "recency" if config["policy"] == "streaming" else config["scorer"]
     decode = f" decode {config['decode']}" if "decode" in config else ""
-    return f"{config['policy']}/{scorer}@{config['budget']:g}{decode}"
+    caching = " +prefix caching" if config.get("prefix_caching") else ""
+    return f"{config['policy']}/{scorer}@{config['budget']:g}{decode}{caching}"
 
 
 def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",)) -> list[dict]:
@@ -141,7 +142,7 @@ def run_config(args) -> None:
         dtype="float32",
         enforce_eager=True,
         block_size=32,
-        enable_prefix_caching=False,
+        enable_prefix_caching=config.get("prefix_caching", False),
         max_model_len=args.max_model_len,
         seed=0,
         additional_config=additional_config(config),
@@ -316,6 +317,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"], help="--kv-decode modes (compare them with a --max-new-tokens above the 128-token round interval)")
     parser.add_argument("--kinds", nargs="+", help="only these prompt kinds (benchmarks/prompts.py KINDS), e.g. summary for long outputs")
     parser.add_argument("--stem", default="quality", help="output file names: STEM.md, STEM.json, STEM.png")
+    parser.add_argument("--prefix-caching", action="store_true", help="also run each compressed configuration with vLLM's prefix caching on (each prompt is new, so this measures what the write-once prefix costs)")
     parser.add_argument("--resume", action="store_true", help="reuse configurations already in OUT_DIR/STEM.json with the same prompts")
     # internal: one configuration in a child process
     parser.add_argument("--model", choices=DEMO_MODELS, default=DEMO_MODELS[0], help="demo model (`prefixkv demo-model --name`)")
@@ -354,7 +356,10 @@ def main(argv=None) -> int:
         if same:
             previous = {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r}
     results = []
-    for config in configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode):
+    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode)
+    if args.prefix_caching:
+        configs += [dict(c, prefix_caching=True) for c in configs if c["policy"] != "none"]
+    for config in configs:
         key = json.dumps(config, sort_keys=True)
         if key in previous:
             print(f"[quality] {config_name(config)}: reused from {json_path}", flush=True)

@@ -6,8 +6,10 @@ All requests are sent at once from one thread each, mixing: prompt lengths from
 per-request ``kv_budget`` values (every ``invalid_every``-th one invalid, which must get
 HTTP 400), and streams closed by the client while their prompt is being processed or
 while they decode (vLLM aborts them). Every other request must finish with exactly its
-``max_tokens`` tokens per choice (``ignore_eos``). ``run_soak`` then waits for the engine
-to go idle and reports what happened, including the KV usage left (0: no leaked block).
+``max_tokens`` tokens per choice (``ignore_eos``). Every other request starts with the
+same ``shared_prefix_tokens`` (a system prompt, for vLLM's prefix cache). ``run_soak``
+then waits for the engine to go idle and reports what happened, including the KV usage
+left (0: no leaked block) and the prefix-cache hit rate.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class SoakSpec:
     max_decode_tokens: int = 160
     invalid_every: int = 8  # request i with i % invalid_every == 1 sends a bad kv_budget
     abort_every: int = 6  # i % abort_every == 2: closed mid-prefill; == 4: closed mid-decode
+    shared_prefix_tokens: int = 0  # prepended to every even-numbered request's prompt
     seed: int = 0
 
 
@@ -44,6 +47,7 @@ def prompt_text(tokens: int, rng: random.Random) -> str:
 def plan(spec: SoakSpec) -> list[dict]:
     """One description per request, deterministic in ``spec``."""
     rng = random.Random(spec.seed)
+    shared = prompt_text(spec.shared_prefix_tokens, random.Random(-1)) + " " if spec.shared_prefix_tokens else ""
     requests_ = []
     for i in range(spec.requests):
         # Log-uniform lengths: many short prompts, some near the maximum.
@@ -60,7 +64,7 @@ def plan(spec: SoakSpec) -> list[dict]:
             max_tokens = 2 * spec.max_decode_tokens  # long enough that the abort, not the end, stops it
         body = {
             "model": "demo",
-            "prompt": prompt_text(tokens, rng),
+            "prompt": (shared if i % 2 == 0 else "") + prompt_text(tokens, rng),
             "max_tokens": max_tokens,
             "ignore_eos": True,
             "temperature": 0.0,
@@ -133,6 +137,10 @@ def metrics(base_url: str) -> dict[str, float]:
     return values
 
 
+def _delta(after: dict, before: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
 def run_soak(base_url: str, spec: SoakSpec) -> dict:
     """Sends the load, checks every answer, waits for the engine to idle; returns the figures and the failures."""
     requests_ = plan(spec)
@@ -193,6 +201,7 @@ def run_soak(base_url: str, spec: SoakSpec) -> dict:
         "prompt_tokens": after.get("vllm:prompt_tokens_total", 0) - before.get("vllm:prompt_tokens_total", 0),
         "generation_tokens": after.get("vllm:generation_tokens_total", 0) - before.get("vllm:generation_tokens_total", 0),
         "preemptions": after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0),
+        "prefix_cache_hit_rate": round(_delta(after, before, "vllm:prefix_cache_hits_total") / max(1.0, _delta(after, before, "vllm:prefix_cache_queries_total")), 3),
         "peak_running": peak_running[0],
         "kv_usage_after": after.get("vllm:kv_cache_usage_perc", 0.0),
         "failures": failures,

@@ -20,6 +20,11 @@ after the load, and two bounds on what any KV compression can gain:
   CPU). Compression can pass it only by what it saves inside attention, which reads
   fewer keys.
 
+The ``shared1024+512+256`` shape runs vLLM's prefix-repetition dataset instead: one
+1024-token prefix shared by every request, a unique 512-token suffix each, 256 output
+tokens, prefix caching on for every server (vLLM's default); its table adds the
+prefix-cache hit rate (``vllm:prefix_cache_hits`` over ``vllm:prefix_cache_queries``).
+
 Writes ``throughput.md``, ``throughput.png`` and ``throughput.json`` under ``--out-dir``.
 ``--quick`` runs a small shape for the test suite.
 """
@@ -42,12 +47,19 @@ from prefixkv_vllm.tools.server import VLLM, ServerProcess, vllm_server, vllm_ve
 
 BLOCK_SIZE = 32
 SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]
-# input tokens, output tokens, requests, KV pool bytes (the sizes the issue measured stock with)
+# input tokens, output tokens, requests, KV pool bytes (the sizes the issues measured stock with),
+# and the tokens every prompt shares (0: vLLM's random dataset; else its prefix-repetition dataset)
 SHAPES = {
-    "1024+512": (1024, 512, 48, 1 << 30),
-    "256+2048": (256, 2048, 32, 589_824_000),
-    "2048+128": (2048, 128, 32, 1 << 30),
+    "1024+512": (1024, 512, 48, 1 << 30, 0),
+    "256+2048": (256, 2048, 32, 589_824_000, 0),
+    "2048+128": (2048, 128, 32, 1 << 30, 0),
+    "shared1024+512+256": (1536, 256, 32, 1 << 29, 1024),
 }
+
+
+def shape_name(shape) -> str:
+    input_len, output_len, _, _, shared = shape
+    return f"shared{shared}+{input_len - shared}+{output_len}" if shared else f"{input_len}+{output_len}"
 
 
 def config_name(config: dict) -> str:
@@ -71,12 +83,23 @@ def poll_metrics(server: ServerProcess, stop: threading.Event, samples: list, pe
         stop.wait(period)
 
 
-def bench(server: ServerProcess, model: str, input_len: int, output_len: int, num_prompts: int, result_dir: Path, name: str) -> dict:
+def dataset_args(input_len: int, output_len: int, shared: int) -> list[str]:
+    if not shared:
+        return ["--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len)]
+    return [
+        "--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(shared),
+        "--prefix-repetition-suffix-len", str(input_len - shared), "--prefix-repetition-num-prefixes", "1",
+        "--prefix-repetition-output-len", str(output_len),
+    ]  # fmt: skip
+
+
+def bench(server: ServerProcess, model: str, shape, output_len: int, result_dir: Path, name: str) -> dict:
     """One ``vllm bench serve`` run; returns its saved JSON result."""
+    input_len, _, num_prompts, _, shared = shape
     port = server.base_url.rsplit(":", 1)[1]
     command = [
         VLLM, "bench", "serve", "--backend", "vllm", "--port", port, "--model", "demo", "--tokenizer", model,
-        "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
+        *dataset_args(input_len, output_len, shared),
         "--num-prompts", str(num_prompts), "--request-rate", "inf", "--ignore-eos", "--seed", "0",
         "--percentile-metrics", "ttft,tpot,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
         "--save-result", "--result-dir", str(result_dir), "--result-filename", f"{name}.json",
@@ -86,12 +109,12 @@ def bench(server: ServerProcess, model: str, input_len: int, output_len: int, nu
 
 
 def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
-    input_len, output_len, num_prompts, pool_bytes = shape
+    input_len, output_len, num_prompts, pool_bytes, shared = shape
     pool_bytes = config.get("pool_bytes") or args.kv_cache_bytes or pool_bytes
     serve_args = ["--max-model-len", str(input_len + output_len + 64), *SERVE_ARGS]
     serve_args += ["--kv-cache-memory-bytes", str(pool_bytes), *config_args(config)]
     output_len = config.get("output_len", output_len)
-    name = re.sub(r"[^A-Za-z0-9.+-]", "-", f"{config_name(config)}-{input_len}+{output_len}")
+    name = re.sub(r"[^A-Za-z0-9.+-]", "-", f"{config_name(config)}-{shape_name(shape)}")
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus)}
     with vllm_server(model, serve_args, log_path=log_dir / f"{name}.log", env=env, timeout=1200) as server:
         samples: list = []
@@ -99,7 +122,7 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
         poller = threading.Thread(target=poll_metrics, args=(server, stop, samples, args.poll), daemon=True)
         poller.start()
         started = time.time()
-        result = bench(server, model, input_len, output_len, num_prompts, result_dir, name)
+        result = bench(server, model, shape, output_len, result_dir, name)
         stop.set()
         poller.join()
         time.sleep(1.0)
@@ -114,9 +137,13 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
         if s.get("vllm:num_requests_running") and not s.get("vllm:num_requests_waiting") and s.get("vllm:generation_tokens_total")
     ]
     first = samples[0] if samples else {}
+
+    def delta(metric: str) -> float:
+        return after.get(metric, 0.0) - first.get(metric, 0.0)
+
     return {
         "config": config_name(config),
-        "shape": f"{input_len}+{output_len}",
+        "shape": shape_name(shape) if output_len == shape[1] else f"{input_len}+{output_len}",
         "duration_s": result["duration"],
         "wall_s": time.time() - started,
         "output_tok_s": result["output_throughput"],
@@ -125,7 +152,8 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
         "tpot_p50_ms": result.get("p50_tpot_ms"), "tpot_p99_ms": result.get("p99_tpot_ms"),
         "completed": result["completed"],
         "max_running": max((s.get("vllm:num_requests_running", 0) for s in samples), default=0),
-        "preemptions": after.get("vllm:num_preemptions_total", 0) - first.get("vllm:num_preemptions_total", 0),
+        "preemptions": delta("vllm:num_preemptions_total"),
+        "prefix_hit_rate": delta("vllm:prefix_cache_hits_total") / max(1.0, delta("vllm:prefix_cache_queries_total")),
         "usage_mean": sum(decoding) / len(decoding) if decoding else None,
         "usage_max": max((s.get("vllm:kv_cache_usage_perc", 0) for s in samples), default=None),
         "usage_after": after.get("vllm:kv_cache_usage_perc"),
@@ -137,7 +165,7 @@ def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
 
 def ceiling_pool_bytes(stock: dict, shape) -> int:
     """A pool that holds every request of ``shape`` whole, at stock's bytes per token."""
-    input_len, output_len, num_prompts, _ = shape
+    input_len, output_len, num_prompts, _, _ = shape
     per_request = -(-(input_len + output_len) // BLOCK_SIZE) * BLOCK_SIZE
     return int(stock["pool_bytes"] / stock["pool_tokens"] * per_request * num_prompts * 1.05)
 
@@ -160,8 +188,8 @@ def markdown(rows: list[dict], header: str) -> str:
                       f"{ceiling['output_tok_s'] / stock['output_tok_s']:.2f}x stock: what a larger batch alone buys on this "
                       f"machine at this shape (compression passes it only by reading fewer keys in attention).", ""]  # fmt: skip
         lines += [
-            "| config | duration | output tok/s | vs stock | req/s | TTFT p50 / p99 | TPOT p50 / p99 | max running | preemptions | KV usage mean / max | after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| config | duration | output tok/s | vs stock | req/s | TTFT p50 / p99 | TPOT p50 / p99 | max running | preemptions | KV usage mean / max | after | prefix hits |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in shape_rows:
             ratio = f"{r['output_tok_s'] / stock['output_tok_s']:.2f}x" if stock else "-"
@@ -169,7 +197,8 @@ def markdown(rows: list[dict], header: str) -> str:
             lines.append(
                 f"| {r['config']} | {r['duration_s']:.1f} s | {r['output_tok_s']:.1f} | {ratio} | {r['request_s']:.3f} | "
                 f"{r['ttft_p50_ms'] / 1000:.1f} / {r['ttft_p99_ms'] / 1000:.1f} s | {r['tpot_p50_ms']:.0f} / {r['tpot_p99_ms']:.0f} ms | "
-                f"{r['max_running']:.0f} | {r['preemptions']:.0f} | {usage} | {100 * (r['usage_after'] or 0):.1f}% |"
+                f"{r['max_running']:.0f} | {r['preemptions']:.0f} | {usage} | {100 * (r['usage_after'] or 0):.1f}% | "
+                f"{100 * r.get('prefix_hit_rate', 0):.0f}% |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -211,9 +240,9 @@ def main(argv=None) -> int:
     from prefixkv_vllm.tools.demo_model import demo_model_path
 
     model = str(demo_model_path())
-    shapes = {"256+128": (256, 128, 8, 64 << 20)} if args.quick else {k: SHAPES[k] for k in args.shapes}
+    shapes = {"256+128": (256, 128, 8, 64 << 20, 0)} if args.quick else {k: SHAPES[k] for k in args.shapes}
     if args.num_prompts:
-        shapes = {k: (i, o, args.num_prompts, pool) for k, (i, o, _, pool) in shapes.items()}
+        shapes = {k: (i, o, args.num_prompts, pool, shared) for k, (i, o, _, pool, shared) in shapes.items()}
     if args.quick:
         args.budgets, args.policies = [0.2], ["uniform"]
     configs = [{"policy": "none"}] + [
@@ -226,7 +255,7 @@ def main(argv=None) -> int:
         for shape in shapes.values():
             if not args.no_amdahl:
                 row = run_config(model, {"policy": "none", "output_len": 1}, shape, args, Path(result_dir), args.log_dir)
-                rows.append({**row, "shape": f"{shape[0]}+{shape[1]}", "prefill_only": True})
+                rows.append({**row, "shape": shape_name(shape), "prefill_only": True})
                 print(json.dumps(rows[-1]), flush=True)
             for config in configs:
                 rows.append(run_config(model, config, shape, args, Path(result_dir), args.log_dir))

@@ -17,7 +17,13 @@ import torch
 pytest.importorskip("vllm")
 
 from prefixkv_vllm.policy import build_policy  # noqa: E402
-from prefixkv_vllm.policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, peak_live_blocks  # noqa: E402
+from prefixkv_vllm.policy.paged import (  # noqa: E402
+    PagedLayout,
+    kept_prompt_blocks,
+    live_blocks,
+    peak_live_blocks,
+    shared_prefix_blocks,
+)
 from prefixkv_vllm.vllm_adapter.backends.core import after_attention, plan_step, publish_device_starts  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E402
@@ -26,10 +32,11 @@ BLOCK, HKV, HQ, DIM = 8, 2, 4, 8
 INTERVAL, RECENT = 16, 4
 
 
-def layer_spec(ratio, decode, budget=None):
+def layer_spec(ratio, decode, budget=None, prefix_caching=False):
     return PrefixKVAttentionSpec(
         block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=1,
         recent=RECENT, budget=ratio if budget is None else budget, decode=decode, interval=INTERVAL,
+        prefix_caching=prefix_caching,
     )
 
 
@@ -77,8 +84,15 @@ class TestLayout:
         assert peak < len(ratios) * math.ceil(final / BLOCK)  # eviction lowers the peak
 
 
-def simulate(prompt_len, new_tokens, decode, ratio=0.25, chunk=None, per_kv_head=False, request_budget=None, seed=0):
-    """Runs one request through prefill (in chunks) and decoding; returns the tags of the live tokens per step."""
+def simulate(
+    prompt_len, new_tokens, decode, ratio=0.25, chunk=None, per_kv_head=False, request_budget=None, seed=0,
+    budget=None, prefix_caching=False, hit=0,
+):
+    """Runs one request through prefill (in chunks) and decoding; returns the tags of the live tokens per step.
+
+    With ``prefix_caching``, the first ``hit`` tokens come from the prefix cache (written before
+    the request starts), and no step may change a block of the request's write-once prefix.
+    """
     STORE.drop(["r"])
     gen = torch.Generator().manual_seed(seed)
     total = prompt_len + new_tokens
@@ -87,12 +101,16 @@ def simulate(prompt_len, new_tokens, decode, ratio=0.25, chunk=None, per_kv_head
     values = torch.full((max_blocks, BLOCK, HKV, DIM), -1.0)  # -1: never written
     queries = torch.randn(total, HQ, DIM, generator=gen)
     table = torch.arange(max_blocks, dtype=torch.int32)[None, :]
-    spec = layer_spec(ratio, decode)
+    spec = layer_spec(ratio, decode, budget, prefix_caching)
     policy = build_policy("uniform", ratio, scorer="window", window=4, per_kv_head=per_kv_head, sink=1, recent=RECENT)
     budgets = np.array([np.nan if request_budget is None else request_budget])
     batch = BatchInfo(req_ids=["r"], prompt_lens=np.array([prompt_len]), request_budgets=budgets)
     layer_ratio = spec.request_ratio(request_budget)
-    computed, history = 0, []
+    shared = shared_prefix_blocks(prompt_len, spec.budget if request_budget is None else request_budget, spec.layout)
+    shared = max_blocks if shared is None else shared
+    assert hit % BLOCK == 0 and hit <= shared * BLOCK
+    values[: hit // BLOCK] = torch.arange(hit).float().view(-1, BLOCK, 1, 1).expand(-1, -1, HKV, DIM)
+    computed, history = hit, []
     while computed < total:
         step = min(chunk or prompt_len, prompt_len - computed) if computed < prompt_len else 1
         positions = torch.arange(computed, computed + step)
@@ -115,7 +133,10 @@ def simulate(prompt_len, new_tokens, decode, ratio=0.25, chunk=None, per_kv_head
         start, _ = live_blocks(prompt_len, computed, layer_ratio, spec.layout)
         assert (effective_table[0, : math.ceil(effective_len / BLOCK)] >= start).all()
         if plan is not None and plan.work is not None:
+            before = values.clone()
             after_attention(plan.work, "layer", queries[computed : computed + step], keys, values, DIM**-0.5)
+            if prefix_caching:
+                assert torch.equal(values[:shared], before[:shared]), f"step at {computed}: rewrote a shared block"
         computed += step
         # Freed blocks go to other requests: poison them.
         values[: live_blocks(prompt_len, computed, layer_ratio, spec.layout)[0]] = -1.0
@@ -158,6 +179,58 @@ def test_scored_can_evict_prompt_tokens_for_output_tokens():
 def test_request_budget_one_keeps_everything_while_decoding():
     history = simulate(61, 100, "fifo", request_budget=1.0)
     assert all(tags.shape[0] == 61 + i for i, tags in enumerate(history[1:], start=1))
+
+
+class TestPrefixCaching:
+    """A write-once prefix: what vLLM may hash and serve from its cache is never rewritten."""
+
+    @pytest.mark.parametrize("decode", ["off", "fifo", "scored"])
+    @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.6, 0.9])
+    @pytest.mark.parametrize("prompt_len, chunk, hit", [(96, None, 0), (96, 24, 0), (96, None, 40), (61, 20, 16), (5, None, 0)])
+    def test_no_step_rewrites_the_shared_prefix(self, decode, ratio, prompt_len, chunk, hit):
+        hit = min(hit, shared_prefix_blocks(prompt_len, 0.25, PagedLayout(BLOCK, 1, RECENT)) * BLOCK)
+        history = simulate(prompt_len, 150, decode, ratio=ratio, chunk=chunk, budget=0.25, prefix_caching=True, hit=hit)
+        if decode != "off" and prompt_len > 16:
+            assert history[-1].shape[0] <= ratio * (prompt_len + 150) + RECENT + INTERVAL + 3 * BLOCK
+
+    @pytest.mark.parametrize("decode", ["off", "fifo", "scored"])
+    def test_a_layer_at_or_below_the_budget_compacts_as_without_caching(self, decode):
+        for ratio in (0.1, 0.25):
+            plain = simulate(96, 80, decode, ratio=ratio, budget=0.25)
+            cached = simulate(96, 80, decode, ratio=ratio, budget=0.25, prefix_caching=True)
+            assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+
+    def test_a_layer_above_the_budget_keeps_the_shared_blocks_of_its_run_whole(self):
+        prompt_len, ratio = 96, 0.6
+        shared = shared_prefix_blocks(prompt_len, 0.25, PagedLayout(BLOCK, 1, RECENT))
+        start = prompt_len // BLOCK - kept_prompt_blocks(prompt_len, ratio, BLOCK, 1, RECENT)
+        assert start < shared
+        first_decode = simulate(prompt_len, 1, "off", ratio=ratio, budget=0.25, prefix_caching=True)[1][:, 0]
+        whole = torch.arange(start * BLOCK, shared * BLOCK).float()
+        assert torch.equal(first_decode[: whole.numel()], whole)  # in place, in order
+        plain = simulate(prompt_len, 1, "off", ratio=ratio, budget=0.25)[1][:, 0]
+        assert first_decode.numel() == plain.numel()  # the same number of tokens kept
+
+    def test_the_scheduler_caches_and_reuses_only_the_write_once_prefix(self):
+        from types import SimpleNamespace
+
+        from prefixkv_vllm.vllm_adapter.kv_spec import shared_prefix_tokens
+        from prefixkv_vllm.vllm_adapter.request_options import SCHEDULER_BUDGETS
+
+        spec = layer_spec(0.6, "fifo", budget=0.25, prefix_caching=True)
+        shares = {}
+        for name, budget in (("server", None), ("tight", 0.05), ("whole", 1.0)):
+            SCHEDULER_BUDGETS.admit(name, budget)
+            shares[name] = shared_prefix_tokens(spec, SimpleNamespace(request_id=name, num_prompt_tokens=1000))
+            SCHEDULER_BUDGETS.release(name)
+        assert shares["server"] == shared_prefix_blocks(1000, 0.25, spec.layout) * BLOCK
+        assert 0.7 * 1000 < shares["server"] < shares["tight"] < 1000  # about (1 - budget) of the prompt
+        assert shares["whole"] is None
+
+    def test_budget_one_shares_everything(self):
+        assert shared_prefix_blocks(1000, 1.0, PagedLayout(BLOCK, 1, RECENT)) is None
+        history = simulate(61, 40, "fifo", request_budget=1.0, budget=0.25, prefix_caching=True, hit=48)
+        assert all(tags.shape[0] == 61 + i for i, tags in enumerate(history[1:], start=1))
 
 
 def test_device_starts_match_the_host_path():

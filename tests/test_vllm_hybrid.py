@@ -83,7 +83,7 @@ def hybrid_config(layers, ratios, **settings):
 
 def test_only_full_attention_layers_get_the_prefixkv_spec():
     specs = attention_specs(["full_attention", "sliding_attention", "sliding_attention", "full_attention"])
-    converted = layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)))
+    converted = layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)), prefix_caching=False)
     assert [type(s).__name__ for s in converted.values()] == [
         "PrefixKVAttentionSpec", "SlidingWindowSpec", "SlidingWindowSpec", "PrefixKVAttentionSpec",
     ]  # fmt: skip
@@ -94,7 +94,7 @@ def test_only_full_attention_layers_get_the_prefixkv_spec():
 def test_start_up_and_worker_must_agree_on_the_compressed_layers():
     specs = attention_specs(["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
     with pytest.raises(PrefixKVConfigError, match=r"compress the full-attention layers \[0, 3\], but the model built full attention in layers \[1, 3\]"):
-        layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)))
+        layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)), prefix_caching=False)
 
 
 @pytest.mark.parametrize("first", ["full_attention", "sliding_attention"])
@@ -106,7 +106,7 @@ def test_vllm_groups_prefixkv_and_sliding_layers_apart(first):
     specs = attention_specs(types)
     full = tuple(i for i, t in enumerate(types) if t == "full_attention")
     ratios = (0.3, 0.1) if len(full) == 2 else (0.3, 0.1, 0.2, 0.2)
-    groups = _get_kv_cache_groups_uniform_page_size(layer_specs(specs, hybrid_config(full, ratios)))
+    groups = _get_kv_cache_groups_uniform_page_size(layer_specs(specs, hybrid_config(full, ratios), prefix_caching=False))
     kinds = sorted((type(g.kv_cache_spec).__name__, len(g.layer_names)) for g in groups)
     assert kinds == sorted([("PrefixKVAttentionSpec", 1)] * len(full) + [("SlidingWindowSpec", 1)] * (6 - len(full)))
 

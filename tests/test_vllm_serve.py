@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def compressed(model, log_dir):
 def test_budget_one_reproduces_stock_greedy_tokens(stock_tokens, budget_one):
     for prompt, expected in stock_tokens.items():
         assert greedy_tokens(budget_one, prompt) == expected, prompt[:60]
-    assert "prefix caching is off" in budget_one.log()
+    assert "prefix caching stays on" in budget_one.log()
 
 
 def test_request_budget_one_reproduces_stock_on_a_compressing_server(stock_tokens, compressed):
@@ -190,7 +191,7 @@ SOAK_ARGS += ("--max-model-len", "2600", "--max-num-batched-tokens", "512")
 # vLLM's own admission, so that the load preempts (the default admission avoids it) and
 # requests resume past their decode rounds (the catch-up compaction).
 SOAK_ARGS += ("--kv-admission", "stock")
-SOAK_CI = SoakSpec(requests=32, max_prompt_tokens=2000, min_decode_tokens=96, max_decode_tokens=256)
+SOAK_CI = SoakSpec(requests=32, max_prompt_tokens=2000, min_decode_tokens=96, max_decode_tokens=256, shared_prefix_tokens=400)
 
 
 def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, stock_tokens):
@@ -202,8 +203,72 @@ def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, 
         assert report["aborted_before_first_token"] > 0, report
         assert report["preemptions"] > 0, f"the load did not preempt; make it heavier: {report}"
         assert report["kv_usage_after"] == 0.0, report
+        assert report["prefix_cache_hit_rate"] > 0.05, report  # half the prompts share a system prompt
         for prompt in CHAT_PROMPTS[3:5]:
             assert greedy_tokens(server, prompt, vllm_xargs={"kv_budget": 1.0}) == stock_tokens[prompt], prompt[:60]
+
+
+# Prefix caching stays on with a policy: a request shares (and reuses) only the blocks no
+# layer of it ever rewrites, about (1 - budget) of its prompt (policy.paged).
+SHARED = document(40, offset=500)  # about 650 tokens, a system prompt
+QUESTIONS = [document(12, offset=700 + 20 * k) + f"\nHow many marbles does the box of item {500 + 3 * k} hold?" for k in range(5)]
+
+
+def _hits(server) -> tuple[float, float]:
+    metrics = server.metrics()
+    return metrics["vllm:prefix_cache_hits_total"], metrics["vllm:prefix_cache_queries_total"]
+
+
+def _hit_rate(server, ask) -> float:
+    hits, queries = _hits(server)
+    ask()
+    hits_after, queries_after = _hits(server)
+    return (hits_after - hits) / (queries_after - queries)
+
+
+def test_shared_prefix_is_reused_and_budget_one_still_matches_stock(stock, compressed):
+    prompts = [SHARED + "\n" + question for question in QUESTIONS]
+    # The first request of each server caches the prefix; the others should reuse it.
+    for server in (stock, compressed):
+        server.chat(prompts[0], max_tokens=4)
+    stock_rate = _hit_rate(stock, lambda: [stock.chat(p, max_tokens=4) for p in prompts[1:3]])
+    compressed_rate = _hit_rate(compressed, lambda: [compressed.chat(p, max_tokens=4) for p in prompts[1:3]])
+    assert stock_rate > 0.5 and compressed_rate >= stock_rate - 0.05, (stock_rate, compressed_rate)
+    # Concurrent arrivals, compressed and whole together: the whole one reads blocks cached by
+    # compressed requests, and must still answer exactly as stock (no shared block was rewritten).
+    expected = greedy_tokens(stock, prompts[4])
+    answers = {}
+    threads = [
+        threading.Thread(target=lambda i=i, extra=extra: answers.update({i: greedy_tokens(compressed, prompts[i], **extra)}))
+        for i, extra in ((3, {}), (4, {"vllm_xargs": {"kv_budget": 1.0}}), (0, {}), (2, {}))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers[4] == expected
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_second_chat_turn_reuses_the_first_and_matches_stock_at_budget_one(stock, compressed):
+    first = [{"role": "user", "content": SHARED + "\n" + QUESTIONS[0]}]
+
+    def turn(server, messages, **extra):
+        body = {"model": "demo", "messages": messages, "max_tokens": 24, "temperature": 0, "logprobs": True, **extra}
+        response = requests.post(f"{server.base_url}/v1/chat/completions", json=body, timeout=600)
+        response.raise_for_status()
+        return response.json()["choices"][0]
+
+    reply = turn(stock, first)["message"]["content"]
+    second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "And the box of item 503?"}]
+    expected = [t["token"] for t in turn(stock, second)["logprobs"]["content"]]
+    turn(compressed, first, vllm_xargs={"kv_budget": 1.0})
+    got = [t["token"] for t in turn(compressed, second, vllm_xargs={"kv_budget": 1.0})["logprobs"]["content"]]
+    assert got == expected
+    # A compressed second turn reuses the part of the first turn's prompt that stays whole.
+    turn(compressed, first)
+    rate = _hit_rate(compressed, lambda: turn(compressed, second))
+    assert rate > 0.5, rate
 
 
 def test_aborted_stream_frees_its_blocks(compressed):

@@ -35,6 +35,17 @@ How the run moves:
   blocks before them are freed. So a layer holds about ``ratio`` of all tokens
   seen plus a bounded overhead: the last ``recent`` tokens, the block being
   written, and up to ``interval`` tokens generated since the last round.
+
+With prefix caching (``prefix_caching``), a request's first ``shared_prefix_blocks``
+blocks are **write-once**: no compaction of any layer writes into them, so their
+content always matches the hash vLLM gives them, and only they may be hashed or
+served as a cache hit (the scheduler caps both; ``kv_spec``). A moving run writes
+its kept tokens into ``[max(start, shared), end)`` only; the blocks of the run
+before the boundary stay in place, whole. The boundary is where a layer at the
+request's mean budget starts keeping prompt blocks, so a layer at or below that
+ratio compacts exactly as without prefix caching and only the layers above it
+keep some recent shared blocks whole instead of the best-scored tokens. The run
+(what is freed, and when) does not change.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ class PagedLayout:
     recent: int = 1
     decode: str = "off"
     interval: int = 128  # generated tokens between decode rounds, a multiple of block_size
+    prefix_caching: bool = False  # vLLM's prefix caching is on: keep a write-once prefix (see above)
 
     def __post_init__(self):
         if self.decode not in DECODE_MODES:
@@ -132,6 +144,18 @@ def peak_live_blocks(prompt_len: int, final_len: int, keep_ratios: np.ndarray, l
     start, _ = live_blocks(prompt_len, points, ratios, layout)
     held = (-(-reached // bs) + 1 - start).sum(axis=0)
     return int(max(prefill_peak, held.max()))
+
+
+def shared_prefix_blocks(prompt_len: int, budget: float, layout: PagedLayout) -> int | None:
+    """Leading blocks of a request that no layer ever rewrites, at its mean ``budget``; ``None``: all of them.
+
+    Only these may be hashed for prefix caching or reused from the cache. At a
+    budget of 1 nothing is ever compacted, so every block may be (stock vLLM).
+    """
+    if budget >= 1.0:
+        return None
+    full = prompt_len // layout.block_size
+    return full - kept_prompt_blocks(prompt_len, budget, layout.block_size, layout.sink, layout.recent)
 
 
 def request_keep_ratio(layer_ratio, server_budget: float, request_budget: float):

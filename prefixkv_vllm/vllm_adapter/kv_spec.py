@@ -5,6 +5,11 @@ allocator), so each group can free its own share of every request. The manager
 runs in the scheduler process and frees the blocks before the layer's live run
 (``policy.paged.live_blocks``); it learns nothing from the worker, both sides
 derive the same layout from the same lengths.
+
+With prefix caching on, the manager also hashes only a request's write-once
+prefix (``policy.paged.shared_prefix_blocks``), and ``shared_prefix_tokens`` caps
+its cache hits there (the scheduler hook in ``plugin``), so a block is served
+from the cache only while its content is what its hash stands for.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from ..policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, request_keep_ratio
+from ..policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, request_keep_ratio, shared_prefix_blocks
 from .request_options import SCHEDULER_BUDGETS
 
 
@@ -27,14 +32,15 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
     budget: float = 1.0  # the server's mean budget over layers, which per-request budgets rescale
     decode: str = "off"  # decode-time eviction mode (policy.paged.DECODE_MODES)
     interval: int = 128  # generated tokens between decode rounds
+    prefix_caching: bool = False  # vLLM's prefix caching is on
 
     @property
     def prefixkv_settings(self) -> tuple:
-        return (self.keep_ratio, self.sink, self.recent, self.budget, self.decode, self.interval)
+        return (self.keep_ratio, self.sink, self.recent, self.budget, self.decode, self.interval, self.prefix_caching)
 
     @property
     def layout(self) -> PagedLayout:
-        return PagedLayout(self.block_size, self.sink, self.recent, self.decode, self.interval)
+        return PagedLayout(self.block_size, self.sink, self.recent, self.decode, self.interval, self.prefix_caching)
 
     def request_ratio(self, request_budget: float | None = None) -> float:
         """The layer's keep ratio at the server's budget or at a request's own."""
@@ -56,10 +62,17 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         if len(settings) != 1:
             # vLLM's grouping probes merge() and reads an AssertionError as "not uniform".
             raise AssertionError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
-        keep_ratio, sink, recent, budget, decode, interval = settings.pop()
+        keep_ratio, sink, recent, budget, decode, interval, prefix_caching = settings.pop()
         merged = super().merge(specs)
         return dataclasses.replace(
-            merged, keep_ratio=keep_ratio, sink=sink, recent=recent, budget=budget, decode=decode, interval=interval
+            merged,
+            keep_ratio=keep_ratio,
+            sink=sink,
+            recent=recent,
+            budget=budget,
+            decode=decode,
+            interval=interval,
+            prefix_caching=prefix_caching,
         )
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
@@ -81,3 +94,14 @@ class PrefixKVAttentionManager(FullAttentionManager):
         start, _ = live_blocks(num_prompt_tokens, processed_computed_tokens, ratio, spec.layout)
         # Walks backwards and stops at the first freed block, so repeats are no-ops.
         self._remove_blocks_in_range(request_id, 0, start)
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        cap = shared_prefix_tokens(self.kv_cache_spec, request)
+        super().cache_blocks(request, num_tokens if cap is None else min(num_tokens, cap), *args, **kwargs)
+
+
+def shared_prefix_tokens(spec: PrefixKVAttentionSpec, request) -> int | None:
+    """Tokens of ``request`` that may be hashed or reused from the prefix cache; ``None``: all."""
+    budget = SCHEDULER_BUDGETS.get(request.request_id)
+    blocks = shared_prefix_blocks(request.num_prompt_tokens, spec.budget if budget is None else budget, spec.layout)
+    return None if blocks is None else blocks * spec.block_size

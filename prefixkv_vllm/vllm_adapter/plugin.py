@@ -39,7 +39,11 @@ Patched at ``register()``, on a supported version only:
 5. ``Scheduler.__init__`` (and its subclasses): with a policy, binds ``add_request`` and
    ``_free_request`` (per-request budgets for the KV manager) and, with
    ``--kv-admission reserve``, its ``KVCacheManager.allocate_slots`` (admission of
-   waiting and preempted requests passes ``reserved_blocks``; ``admission.py``). On a
+   waiting and preempted requests passes ``reserved_blocks``; ``admission.py``; its
+   ``num_new_computed_tokens`` counts a prefix-cache hit as held). With prefix caching
+   on, its ``KVCacheManager.get_computed_blocks`` and the coordinator's
+   ``find_longest_cache_hit`` (a request's hit is capped at its write-once prefix,
+   ``kv_spec.shared_prefix_tokens``). On a
    hybrid model admission reads vLLM's own groups through their managers
    (``KVCacheManager.coordinator.single_type_managers``, ``get_num_skipped_tokens``) and
    specs (``max_admission_blocks_per_request``, with ``VllmConfig.max_in_flight_tokens``
@@ -54,7 +58,10 @@ local attention (``policy.layers``), ``get_attn_spec_kind`` sending only
 ``full_attention`` layers to ``backend_per_kind["full_attention"]``, vLLM's grouping
 probing ``merge()`` across kinds and catching ``AssertionError``, ``FullAttentionSpec.merge`` and
 ``is_uniform_with_collection``, ``FullAttentionManager._remove_blocks_in_range`` and
-``remove_skipped_blocks``' call on the processed-token count, ``Scheduler.running``
+``remove_skipped_blocks``' call on the processed-token count, ``cache_blocks`` (the
+manager hashes the full blocks up to a token count; ``PrefixKVAttentionManager``
+lowers it) and ``get_computed_blocks`` asking the coordinator once per request for
+its longest hit, ``Scheduler.running``
 (mutated in place), ``Request.max_tokens``, ``InputBatch.num_computed_tokens_cpu``, the
 CPU and FlashAttention backends' builder ``build`` and impl ``forward``,
 ``CommonAttentionMetadata.replace``, ``InputBatch.num_prompt_tokens``,
@@ -241,7 +248,7 @@ def bind_model_runner(runner, config: PrefixKVConfig) -> None:
     original_build = runner._build_attention_metadata
 
     def get_kv_cache_spec():
-        return layer_specs(original_specs(), config)
+        return layer_specs(original_specs(), config, runner.cache_config.enable_prefix_caching)
 
     def initialize_kv_cache(*args, **kwargs):
         result = original_init_cache(*args, **kwargs)
@@ -297,12 +304,16 @@ def bind_scheduler(scheduler, config: PrefixKVConfig) -> None:
         )
         original_allocate = manager.allocate_slots
 
-        def allocate_slots(request, num_new_tokens, *args, **kwargs):
+        def allocate_slots(request, num_new_tokens, num_new_computed_tokens=0, *args, **kwargs):
             if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
-                kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + admission.reserved_for(request, num_new_tokens)
-            return original_allocate(request, num_new_tokens, *args, **kwargs)
+                reserve = admission.reserved_for(request, num_new_computed_tokens + num_new_tokens)
+                kwargs["reserved_blocks"] = kwargs.get("reserved_blocks", 0) + reserve
+            return original_allocate(request, num_new_tokens, num_new_computed_tokens, *args, **kwargs)
 
         manager.allocate_slots = allocate_slots
+
+    if scheduler.cache_config.enable_prefix_caching:
+        _cap_cache_hits(scheduler.kv_cache_manager)
 
     def add_request(request):
         if request.sampling_params is not None:
@@ -317,6 +328,38 @@ def bind_scheduler(scheduler, config: PrefixKVConfig) -> None:
 
     scheduler.add_request = add_request
     scheduler._free_request = _free_request
+
+
+def _cap_cache_hits(manager) -> None:
+    """A request reuses cached blocks only within its write-once prefix (``kv_spec.shared_prefix_tokens``).
+
+    ``get_computed_blocks`` asks the coordinator for the longest hit up to a length
+    it derives from the request alone; the cap depends on the request's prompt and
+    budget too, so it is handed to the coordinator for the duration of the call.
+    """
+    from .kv_spec import PrefixKVAttentionSpec, shared_prefix_tokens
+
+    specs = [g.kv_cache_spec for g in manager.kv_cache_config.kv_cache_groups]
+    spec = next(s for s in specs if isinstance(s, PrefixKVAttentionSpec))
+    coordinator = manager.coordinator
+    original_get = manager.get_computed_blocks
+    original_find = coordinator.find_longest_cache_hit
+    cap: list[int | None] = [None]
+
+    def find_longest_cache_hit(block_hashes, max_cache_hit_length, *args, **kwargs):
+        if cap[0] is not None:
+            max_cache_hit_length = min(max_cache_hit_length, cap[0])
+        return original_find(block_hashes, max_cache_hit_length, *args, **kwargs)
+
+    def get_computed_blocks(request, *args, **kwargs):
+        cap[0] = shared_prefix_tokens(spec, request)
+        try:
+            return original_get(request, *args, **kwargs)
+        finally:
+            cap[0] = None
+
+    coordinator.find_longest_cache_hit = find_longest_cache_hit
+    manager.get_computed_blocks = get_computed_blocks
 
 
 def _hook_input_processor() -> None:

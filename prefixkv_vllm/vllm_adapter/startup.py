@@ -20,7 +20,7 @@ UNQUANTIZED_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 def configure_engine(vllm_config) -> None:
-    """Validate, resolve ratios into ``additional_config``, pick the attention backend, and turn off prefix caching."""
+    """Validate, resolve ratios into ``additional_config`` and pick the attention backend."""
     config = PrefixKVConfig.from_additional_config(vllm_config.additional_config)
     if not config.active:
         return
@@ -57,10 +57,14 @@ def configure_engine(vllm_config) -> None:
         what = "a model with sliding-window or other local layers" if hybrid else "per-layer KV budgets"
         raise PrefixKVConfigError(f"PrefixKV on {what} needs vLLM's hybrid KV-cache manager; drop --disable-hybrid-kv-cache-manager")
     vllm_config.additional_config = {**(vllm_config.additional_config or {}), **config.to_additional_config()}
-    if vllm_config.cache_config.enable_prefix_caching:
-        vllm_config.cache_config.enable_prefix_caching = False
-        logger.info("PrefixKV: prefix caching is off (compaction rewrites prompt blocks in place)")
     _log_plan(config, vllm_config.cache_config.block_size, num_layers)
+    if vllm_config.cache_config.enable_prefix_caching:
+        logger.info(
+            "PrefixKV: prefix caching stays on; a request shares (and reuses) at most the first %.0f%% of its "
+            "prompt at budget %g, the part no layer rewrites",
+            100 * (1 - config.budget),
+            config.budget,
+        )
 
 
 def _layer_count(layers: tuple[int, ...], num_layers: int) -> str:
@@ -170,7 +174,7 @@ def _log_plan(config: PrefixKVConfig, block_size: int, num_layers: int) -> None:
     )
 
 
-def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig) -> dict[str, KVCacheSpec]:
+def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_caching: bool) -> dict[str, KVCacheSpec]:
     """The model's KV-cache specs with each compressed layer's carrying its (tiered) keep ratio.
 
     Only the full-attention layers that start-up resolved (``config.layers``) are
@@ -196,6 +200,7 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig) -> dict[s
             budget=config.budget,
             decode=config.decode,
             interval=config.decode_interval,
+            prefix_caching=prefix_caching,
         )
     return converted
 

@@ -31,7 +31,7 @@ import torch
 
 from ... import ops
 from ...policy import KVPolicy, Protection, select_tokens
-from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks
+from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, shared_prefix_blocks
 from ..config import PrefixKVConfig
 from ..kv_spec import PrefixKVAttentionSpec
 from ..worker_state import STORE, BatchInfo, current_batch, policy_for
@@ -66,6 +66,9 @@ class CompactWork:
     start_before: list[int]
     start_after: list[int]
     end_after: list[int]
+    # Kept tokens go to [write_start, end_after); the run's blocks before it are a
+    # write-once shared prefix (prefix caching, ``policy.paged``) and stay whole.
+    write_start: list[int]
     block_table: torch.Tensor  # [R, max_blocks] int32, full rows (logical block indices)
 
 
@@ -204,6 +207,7 @@ def plan_step(
                 [int(start_before[r]) for r in compact_rows],
                 [int(start_after[r]) for r in compact_rows],
                 [int(end_after[r]) for r in compact_rows],
+                [_write_start(spec, batch, r, int(prompt_lens[r]), int(start_after[r]), int(end_after[r])) for r in compact_rows],
                 block_table[compact_rows],
             )
             if compact_rows
@@ -217,6 +221,18 @@ def plan_step(
         int(effective_seq_lens_cpu.max()),
         work,
     )
+
+
+def _write_start(spec: PrefixKVAttentionSpec, batch: BatchInfo, row: int, prompt_len: int, start: int, end: int) -> int:
+    """First block a moving run may write: past the request's write-once prefix, inside ``[start, end]``."""
+    layout = spec.layout
+    if not layout.prefix_caching:
+        return start
+    budget = spec.budget
+    if batch.request_budgets is not None and not np.isnan(batch.request_budgets[row]):
+        budget = float(batch.request_budgets[row])
+    shared = shared_prefix_blocks(prompt_len, budget, layout)
+    return end if shared is None else min(max(start, shared), end)
 
 
 def _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, ratios, policy, layout, decode_window):
@@ -330,27 +346,40 @@ def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
     The destination blocks are listed first and the blocks being freed after them,
     so ``ops.compact`` (which moves kept tokens to the front of a block list, in
     order, overlap-safe) fills the destination and the freed blocks are a prefix.
+    With prefix caching the destination starts at ``write_start``: the run's blocks
+    before it belong to the write-once prefix and are neither candidates nor written.
     """
     compact = work.compact
     bs = work.layout.block_size
-    lists, selections, new_positions = [], [], []
+    lists, selections = [], []
     for index, row in enumerate(compact.rows):
         req_id = work.req_ids[row]
         before, after, end = compact.start_before[index], compact.start_after[index], compact.end_after[index]
-        keep = (end - after) * bs
+        write = compact.write_start[index]
+        keep = (end - write) * bs
+        moved = (after - before) * bs  # candidate slots in blocks that will be freed
+        whole = slice(moved, (write - before) * bs)  # write-once blocks the run keeps in place
         priority, positions = _priorities(
-            work, layer_name, row, compact.computed[index], compact.processed[index], before, end, num_kv_heads, key_cache.device
+            work, layer_name, row, compact.computed[index], compact.processed[index], before, end, whole, num_kv_heads, key_cache.device
         )
         heads = max(priority.shape[0], positions.shape[0])
+        positions = positions.expand(heads, -1)
+        kept_whole = positions[:, whole]
+        if keep == 0:
+            STORE.set_positions(req_id, layer_name, kept_whole)
+            continue
+        # Candidates: the slots being freed, then the writable ones.
+        priority = torch.cat([priority[:, : whole.start], priority[:, whole.stop :]], dim=1)
+        positions = torch.cat([positions[:, : whole.start], positions[:, whole.stop :]], dim=1)
         chosen = select_tokens(priority.expand(heads, -1), keep, Protection(sink=0, recent=0))
-        moved = (after - before) * bs  # candidate slots in blocks that will be freed
         reordered = torch.where(chosen >= moved, chosen - moved, chosen + keep)
         reordered, order = reordered.sort(dim=1)
         selections.append(reordered)
-        new_positions.append(positions.expand(heads, -1).gather(1, chosen.gather(1, order)))
         table = compact.block_table[index]
-        lists.append(torch.cat([table[after:end], table[before:after]]))
-        STORE.set_positions(req_id, layer_name, new_positions[-1])
+        lists.append(torch.cat([table[write:end], table[before:after]]))
+        STORE.set_positions(req_id, layer_name, torch.cat([kept_whole, positions.gather(1, chosen.gather(1, order))], dim=1))
+    if not selections:
+        return
     width = max(s.shape[1] for s in selections)
     heads = max(s.shape[0] for s in selections)
     keep_indices = torch.zeros(len(selections), heads, width, dtype=torch.int32, device=key_cache.device)
@@ -363,11 +392,12 @@ def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
     ops.compact(key_cache, value_cache, tables, keep_indices, num_kept)
 
 
-def _priorities(work, layer_name, row, computed, processed, before, end, num_kv_heads, device):
-    """Selection priorities ``[1 or Hkv, n]`` of a row's candidate slots, and their true positions.
+def _priorities(work, layer_name, row, computed, processed, before, end, whole, num_kv_heads, device):
+    """Selection priorities ``[1 or Hkv, n]`` of a row's live slots before its new recent region, and their true positions.
 
-    Candidates are the live slots before the new recent region: ``[before, end)``
-    blocks. A prompt compaction ranks the prompt body by the scorer (protecting
+    The slots are those of ``[before, end)`` blocks; ``whole`` (a slice of them) are
+    kept in place whatever their priority, so a prompt compaction counts them in
+    its kept tokens. A prompt compaction ranks the prompt body by the scorer (protecting
     sink and recent tokens); a decode round ranks by ``fifo`` (the compressed
     prompt, then the newest tokens) or by ``scored`` (attention of the last
     decode queries, sink protected); a request resumed past a round (recompute
@@ -384,6 +414,9 @@ def _priorities(work, layer_name, row, computed, processed, before, end, num_kv_
             accumulated = torch.zeros(num_kv_heads, prompt_len, device=device)
         scores = policy.scorer.scores(accumulated, prompt_len)[:, :body]
         protection = Protection(sink=policy.protection.sink, recent=max(0, policy.protection.recent - (prompt_len - body)))
+        if whole.stop > whole.start:  # the slots' index is their position: before is 0 while the prompt is compacted
+            scores = scores.clone()
+            scores[:, whole] = _KEEP
         chosen = select_tokens(scores, work.kept_prompt_blocks[row] * bs, protection)
         if count == body:
             return _one_hot(chosen, body), natural
