@@ -264,9 +264,11 @@ def main(argv=None) -> int:
                     ceiling = {"policy": "none", "ceiling": True, "pool_bytes": ceiling_pool_bytes(rows[-1], shape)}
                     rows.append(run_config(model, ceiling, shape, args, Path(result_dir), args.log_dir))
                     print(json.dumps(rows[-1]), flush=True)
+    kinds = {"prefix-repetition" if shape[4] else "random" for shape in shapes.values()}
+    datasets = " and ".join(f"{kind} dataset" for kind in sorted(kinds))
     header = (
         f"# Throughput: demo model, {vllm_version()}, fp32, block size {BLOCK_SIZE}, the same KV pool for every server "
-        f"of a shape, `vllm bench serve` random dataset, --ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})\n\n"
+        f"of a shape, `vllm bench serve` {datasets}, --ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})\n\n"
         f"Command: `python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
     stem = "throughput-quick" if args.quick else "throughput"
