@@ -118,3 +118,21 @@ def test_logged_progress_says_how_far(caplog):
 def test_loss_criterion_rejects_budgets_below_its_ratios():
     with pytest.raises(ValueError, match="below"):
         cal.calibrate("/nonexistent", [0.01], criterion="loss")
+
+
+def test_layer_costs_on_a_hybrid_model_past_its_sliding_window():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        attn_implementation="eager",
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    scorer = WindowScorer(window=8)
+    costs = cal.layer_costs(model, prompt, (2,), scorer, Protection(sink=1, recent=4), (0.1, 0.5), positions=5)
+    assert costs.shape == (1, 2) and costs[0, 0] > 0
+    everything = cal.layer_costs(model, prompt, (2,), scorer, Protection(sink=1, recent=40), (0.1,), positions=5)
+    assert everything.abs().max() < 1e-6

@@ -226,6 +226,7 @@ def layer_costs(
     accumulated = _accumulated(model, outputs.attentions, token_scorer.min_query_pos(prompt_len), layers)
     scores = [token_scorer.scores(a, prompt_len) for a in accumulated]
     cache = outputs.past_key_values
+    cache.activate_past_recording()  # so that sliding-window layers can be cropped back to the prompt
     # The first decoded token comes from the prefill, before serving compacts the cache: it is never affected.
     generated = [int(outputs.logits[0, -1].argmax())]
     del outputs
