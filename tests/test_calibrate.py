@@ -136,3 +136,36 @@ def test_layer_costs_on_a_hybrid_model_past_its_sliding_window():
     assert costs.shape == (1, 2) and costs[0, 0] > 0
     everything = cal.layer_costs(model, prompt, (2,), scorer, Protection(sink=1, recent=40), (0.1,), positions=5)
     assert everything.abs().max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A 2-layer random Llama with the demo model's tokenizer, saved as a checkpoint directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_writes_the_profile_table_and_plot(tiny_checkpoint, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    attention = tmp_path / "attention.json"
+    assert cal.main([str(tiny_checkpoint), "--budget", "0.2", "--prompts", "1", "--max-tokens", "128", "-o", str(attention)]) == 0
+    output, plot = tmp_path / "loss.json", tmp_path / "loss.png"
+    argv = [str(tiny_checkpoint), "--criterion", "loss", "--mix", "needles", "chat", "--budget", "0.2", "0.5", "--prompts", "2",
+            "--max-tokens", "128", "--recent", "8", "--positions", "4", "-o", str(output), "--plot", str(plot), "--compare", str(attention)]  # fmt: skip
+    assert cal.main(argv) == 0
+    profile = Profile.load(output)
+    assert profile.provenance["criterion"] == "loss" and profile.provenance["tasks"] == ["needles", "chat"]
+    assert len(profile.provenance["kl_per_layer"]) == 2 and sorted(profile.entries) == [0.2, 0.5]
+    assert Profile.load(attention).provenance["criterion"] == "attention"
+    table = capsys.readouterr().out
+    assert "loss @0.2" in table and "KL @0.05" in table and table.count("\n") >= 4
+    assert plot.read_bytes()[:4] == b"\x89PNG"
