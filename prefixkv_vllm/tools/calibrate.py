@@ -402,12 +402,17 @@ def plot_ratios(profiles: Sequence[Profile], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    for profile in profiles:
+    budgets = sorted({b for p in profiles for b in p.entries})
+    styles = ("-", "--", "-.", (0, (1, 1)))  # one per budget; one colour per profile
+    for index, profile in enumerate(profiles):
         criterion = profile.provenance.get("criterion", "attention")
         tasks = "+".join(profile.provenance.get("tasks", ["documents"]))
         for budget, ratios in sorted(profile.entries.items()):
-            ax.plot(profile.model.layers, ratios, marker="o", markersize=3, label=f"{criterion} ({tasks}, {profile.scorer}) @{budget:g}")
-    for budget in sorted({b for p in profiles for b in p.entries}):
+            ax.plot(
+                profile.model.layers, ratios, color=f"C{index}", linestyle=styles[budgets.index(budget) % len(styles)],
+                marker="o", markersize=3, label=f"{criterion} ({tasks}, {profile.scorer}) @{budget:g}",
+            )  # fmt: skip
+    for budget in budgets:
         ax.axhline(budget, color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("layer")
     ax.set_ylabel("kept ratio of the prompt's KV")
