@@ -399,9 +399,10 @@ def plot(rows, path: Path, budgets) -> None:
             ax.text(len(groups) - 0.5, full_acc, f"full cache {full_acc:.0%}", ha="right", va="bottom", fontsize=8)
             ax.set_ylabel("needle accuracy")
             ax.set_ylim(0, 1.05)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, list(colors), title="scorer", loc="upper right", ncol=4, fontsize=8)
-    fig.suptitle(f"PrefixKV on SmolLM2-135M-Instruct (vLLM CPU): answers vs full cache, n={full['n']} prompts", fontsize=10)
+    used = [s for s in colors if any(r["policy"] != "none" and ("recency" if r["policy"] == "streaming" else r["scorer"]) == s for r in rows)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in used]
+    fig.legend(handles, used, title="scorer", loc="upper right", ncol=len(used), fontsize=8)
+    fig.suptitle(f"PrefixKV on SmolLM2-135M-Instruct (vLLM CPU): answers vs full cache, n={full['n']} prompts", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
 
@@ -486,6 +487,8 @@ def main(argv=None) -> int:
             print("[quality] the full-cache reference failed; stopping", file=sys.stderr)
             return 1
     total_s = time.time() - begun
+    # With --resume, this run's time says little: the configurations' own wall times, reused ones included, do.
+    configurations_s = sum(r.get("wall_s") or 0.0 for r in results)
     rows = score(results, prompts)
     lengths = [len(p["prompt_token_ids"]) for p in prompts]
     kinds = {k: sum(p["kind"] == k for p in prompts) for k in sorted({p["kind"] for p in prompts})}
@@ -511,7 +514,7 @@ def main(argv=None) -> int:
             "- *generate s*: wall time of the `llm.generate` call (prefill dominates on CPU). *Other jobs' CPU share*: CPU time "
             "that processes outside this benchmark took while the configuration ran, as a share of the machine "
             "(from /proc; this machine is shared, so compare timings only where it is near 0).",
-            f"- Total run time: {total_s / 60:.1f} min",
+            f"- Total run time: {total_s / 60:.1f} min; the configurations' wall times add up to {configurations_s / 60:.1f} min",
         ]
     )
     table = markdown(rows, prompts, args, header)
