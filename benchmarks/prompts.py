@@ -4,14 +4,20 @@ Nothing is downloaded. Documents are built from the Python standard library's ow
 docstrings (``inspect.getdoc``) or from generated records, so every run on every
 machine builds the same prompts for the same tokenizer and seed.
 
-Four kinds of prompt, cycled in this order:
+Five kinds of prompt, cycled in this order:
 
 * ``passkey`` (needle): a docstring document with one sentence stating a 5-digit
-  pass key inserted at a random depth; the question asks for the key.
+  pass key inserted at some depth; the question asks for the key.
 * ``summary``: a docstring document followed by a summarisation instruction.
 * ``record`` (needle): a list of generated personnel records (name, city, badge
-  number); the question asks for the badge number of one person at a random depth.
+  number); the question asks for the badge number of the person at some depth.
 * ``qa``: a docstring document followed by a question about one documented object.
+* ``long``: a docstring document followed by an instruction whose answer is long
+  (a tutorial), so that quality is also measured far into the output.
+
+Needle depths are spread evenly from 10% to 90% of the document over the needle
+prompts, alternating between the two needle kinds, so that needles sit everywhere
+and not only near the end, which the protected recent tokens always keep.
 
 Needle prompts end the assistant turn with a short answer primer ("The pass key
 is"), so that a 135M instruction model answers with the fact rather than with
@@ -32,7 +38,7 @@ import random
 import time
 from dataclasses import dataclass
 
-KINDS = ("passkey", "summary", "record", "qa")
+KINDS = ("passkey", "summary", "record", "qa", "long")
 NEEDLE_KINDS = ("passkey", "record")
 
 _MODULES = (
@@ -50,6 +56,13 @@ _SUMMARY_INSTRUCTIONS = (
     "List the main classes and functions the document above describes, with one line each.",
     "What problem does the module described above solve, and how is it used?",
 )
+
+_LONG_INSTRUCTIONS = (
+    "Write a detailed tutorial on the module documented above: what it is for, then each main function or class in turn, "
+    "with a short example of its use.",
+    "Explain the document above to a new programmer, step by step and in detail, covering every object it documents.",
+)
+NEEDLE_DEPTHS = (0.1, 0.9)  # the shallowest and deepest needle, as shares of the document
 
 _FIRST = (
     "Alice", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Gustav", "Hana", "Ivan", "Jamal", "Kira", "Luis",
@@ -162,12 +175,15 @@ def build_prompts(tokenizer, num_prompts: int, min_tokens: int = 1000, max_token
         step = (max_tokens - min_tokens) / (num_prompts - 1)
         targets = [round(min_tokens + i * step) for i in range(num_prompts)]
     rng.shuffle(targets)
+    needles = sum(KINDS[index % len(KINDS)] in NEEDLE_KINDS for index in range(num_prompts))
+    shallow, deep = NEEDLE_DEPTHS
+    depths = iter([shallow + (deep - shallow) * k / max(1, needles - 1) for k in range(needles)])
     prompts = []
     for index, target in enumerate(targets):
         kind = KINDS[index % len(KINDS)]
         if kind == "passkey":
             key = str(rng.randint(10000, 99999))
-            depth = rng.uniform(0.05, 0.95)
+            depth = next(depths)
             needle = f"The secret pass key is {key}. Remember it: {key} is the secret pass key."
             question = "What is the secret pass key mentioned in the document above? Answer with the number only."
             primer = "The secret pass key is"
@@ -182,7 +198,7 @@ def build_prompts(tokenizer, num_prompts: int, min_tokens: int = 1000, max_token
             prompts.append(Prompt(index, kind, ids, key, depth, "+".join(used)))
         elif kind == "record":
             per_record = builder.count("Record 123: Tomoko Kowalski lives in Tallinn; her badge number is 48213.\n") + 1
-            depth = rng.uniform(0.05, 0.95)
+            depth = next(depths)
 
             def make(budget, depth=depth, seed=rng.random()):
                 count = max(8, (budget - 80) // per_record)
@@ -199,6 +215,8 @@ def build_prompts(tokenizer, num_prompts: int, min_tokens: int = 1000, max_token
         else:
             if kind == "summary":
                 instruction = _SUMMARY_INSTRUCTIONS[(index // len(KINDS)) % len(_SUMMARY_INSTRUCTIONS)]
+            elif kind == "long":
+                instruction = _LONG_INSTRUCTIONS[(index // len(KINDS)) % len(_LONG_INSTRUCTIONS)]
             else:
                 instruction = None
 

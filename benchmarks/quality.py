@@ -1,21 +1,28 @@
 """Answer quality under KV eviction: every policy x scorer against the full cache.
 
 For each budget, runs ``uniform`` and ``prefixkv`` with each scorer (``raw``,
-``mean``, ``window``) and ``streaming`` (which reads no attention, so once), plus
-the full cache (``--kv-policy none``, stock vLLM) as the reference. Every
-configuration decodes the same prompts greedily in one ``llm.generate`` call, in
-its own subprocess (one vLLM engine per process). Metrics per configuration:
+``mean``, ``window``, ``snapkv``), ``prefixkv`` with each ``--profiles`` profile
+(e.g. from ``prefixkv calibrate --criterion loss``) and ``streaming`` (which reads
+no attention, so once), plus the full cache (``--kv-policy none``, stock vLLM) as
+the reference. Every configuration decodes the same prompts greedily in one
+``llm.generate`` call, in its own subprocess (one vLLM engine per process).
+Metrics per configuration:
 
-* ROUGE-L F1 of each answer against the full-cache answer (LCS on whitespace
-  tokens), mean and standard error over prompts;
+* ROUGE-L F1 of each answer against the full-cache answer (``rouge-score``'s
+  ``rougeL``), mean and standard error over prompts;
 * needle accuracy: the answer contains the needle (pass key or badge number);
   the full cache's own needle accuracy is the ceiling to compare against;
 * identical: answers equal to the full-cache answer, token for token.
 
-Writes ``quality.md`` (table), ``quality.png`` (grouped bars) and ``quality.json``
-(every answer) under ``--out-dir``, and prints the table.
+Every configuration is also compared with ``uniform`` at the same budget (same
+scorer where that was run) prompt by prompt: the mean paired difference in
+ROUGE-L and in needle accuracy, with a 95% bootstrap interval over prompts, so
+that "beats" means an interval above zero.
 
-    python benchmarks/quality.py --budgets 0.2 0.5 --num-prompts 20
+Writes ``quality.md`` (tables), ``quality.png`` (grouped bars) and ``quality.json``
+(every answer) under ``--out-dir``, and prints the tables.
+
+    python benchmarks/quality.py --budgets 0.2 0.5 --num-prompts 48
 """
 
 from __future__ import annotations
@@ -41,37 +48,32 @@ sys.path.insert(0, str(HERE))
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 from prefixkv_vllm.tools.server import stop_process_group, vllm_version  # noqa: E402
 
-SCORERS = ("raw", "mean", "window")
+SCORERS = ("raw", "mean", "window", "snapkv")
+BOOTSTRAP_SAMPLES = 10_000
+DEFAULT_SCORER = "window"  # the server's default --kv-scorer
 POLICIES = ("uniform", "prefixkv", "streaming")
 
 
 # --- metrics -------------------------------------------------------------------
 
 
-def lcs_length(a: list[str], b: list[str]) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b):
-            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
 def rouge_l_f1(candidate: str, reference: str) -> float:
-    """ROUGE-L F1 (beta 1) on whitespace tokens; two empty texts match perfectly."""
-    c, r = candidate.split(), reference.split()
-    if not c and not r:
-        return 1.0
-    if not c or not r:
-        return 0.0
-    lcs = lcs_length(c, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(c), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (``rouge-score``: lower-cased alphanumeric tokens); two answers without tokens match perfectly."""
+    from rouge_score import rouge_scorer, tokenize
+
+    if not tokenize.tokenize(candidate, None) and not tokenize.tokenize(reference, None):
+        return 1.0  # rouge-score gives 0 here; an empty answer where the full cache gave one is a perfect match
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, candidate)["rougeL"].fmeasure
+
+
+def paired_interval(differences: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-prompt paired differences and its 95% percentile-bootstrap interval (resampling prompts)."""
+    import numpy as np
+
+    values = np.asarray(differences, dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(BOOTSTRAP_SAMPLES, len(values)))
+    low, high = np.percentile(values[draws].mean(axis=1), [2.5, 97.5])
+    return float(values.mean()), float(low), float(high)
 
 
 def mean_sem(values: list[float]) -> tuple[float, float]:
@@ -93,11 +95,17 @@ def config_name(config: dict) -> str:
         return "full cache"
     scorer = "recency" if config["policy"] == "streaming" else config["scorer"]
     decode = f" decode {config['decode']}" if "decode" in config else ""
-    caching = " +prefix caching" if config.get("prefix_caching") else ""
-    return f"{config['policy']}/{scorer}@{config['budget']:g}{decode}{caching}"
+    return f"{policy_label(config)}/{scorer}@{config['budget']:g}{decode}"
 
 
-def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",)) -> list[dict]:
+def policy_label(config: dict) -> str:
+    """The policy, with the calibration criterion of its profile where it has one."""
+    label = f"{config['policy']} ({config['criterion']} profile)" if "profile" in config else config["policy"]
+    return f"{label} +prefix caching" if config.get("prefix_caching") else label
+
+
+def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=()) -> list[dict]:
+    """``profiles``: ``(path, scorer, criterion, budgets)`` per profile; it runs at the budgets it has."""
     configs = [{"policy": "none"}]
     for budget in budgets:
         for policy in policies:
@@ -111,6 +119,16 @@ def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",))
                     if len(decode_modes) > 1 or decode != "fifo":
                         config["decode"] = decode
                     configs.append(config)
+        for path, scorer, criterion, profile_budgets in profiles:
+            if not any(math.isclose(budget, b) for b in profile_budgets):
+                continue
+            for decode in decode_modes:
+                config = {"policy": "prefixkv", "budget": budget, "scorer": scorer, "profile": str(path), "criterion": criterion}
+                if recent != 1:
+                    config["recent"] = recent
+                if len(decode_modes) > 1 or decode != "fifo":
+                    config["decode"] = decode
+                configs.append(config)
     return configs
 
 
@@ -122,6 +140,8 @@ def additional_config(config: dict) -> dict:
         extra["kv_decode"] = config["decode"]
     if "scorer" in config:
         extra["kv_scorer"] = config["scorer"]
+    if "profile" in config:
+        extra["kv_profile"] = config["profile"]
     return extra
 
 
@@ -218,6 +238,8 @@ def score(results: list[dict], prompts: list[dict]) -> list[dict]:
         # needles the full cache itself found: how many of those survive eviction
         found = [(p, a) for p, a, r in zip(prompts, result["answers"], reference["answers"]) if p["needle"] and answer_contains(r, p["needle"])]
         row.update(
+            rouge_per_prompt=rouge,
+            needle_per_prompt=[int(answer_contains(a, p["needle"])) for p, a in needles],
             rouge_mean=mean_sem(rouge)[0],
             rouge_sem=mean_sem(rouge)[1],
             rouge_by_kind={k: mean_sem([r for r, p in zip(rouge, prompts) if p["kind"] == k])[0] for k in sorted({p["kind"] for p in prompts})},
@@ -234,6 +256,77 @@ def score(results: list[dict], prompts: list[dict]) -> list[dict]:
     return rows
 
 
+def baseline_for(row: dict, rows: list[dict]) -> dict | None:
+    """The ``uniform`` row a configuration is compared with, at the same budget and decode mode.
+
+    ``uniform`` with the same scorer where it ran, so that only the allocation
+    differs; else (other ``uniform`` rows, ``streaming``) ``uniform`` with the
+    server's default scorer, so that only the scorer differs. None if neither ran.
+    """
+    if row["policy"] == "none" or "error" in row:
+        return None
+    candidates = [
+        r for r in rows
+        if r["policy"] == "uniform" and r is not row and "error" not in r
+        and math.isclose(r["budget"], row["budget"]) and r.get("decode") == row.get("decode")
+    ]  # fmt: skip
+    for scorer in (row.get("scorer"), DEFAULT_SCORER):
+        match = [r for r in candidates if r["scorer"] == scorer]
+        if match:
+            return match[0]
+    return None
+
+
+def best_uniform(row: dict, rows: list[dict]) -> dict | None:
+    """The ``uniform`` row with the highest mean ROUGE-L at the row's budget and decode mode (its best scorer)."""
+    candidates = [
+        r for r in rows
+        if r["policy"] == "uniform" and "error" not in r
+        and math.isclose(r["budget"], row["budget"]) and r.get("decode") == row.get("decode")
+    ]  # fmt: skip
+    return max(candidates, key=lambda r: r["rouge_mean"], default=None)
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Paired per-prompt differences against ``uniform``, with 95% bootstrap intervals.
+
+    Every configuration against its ``baseline_for``; ``prefixkv`` rows also against
+    ``uniform`` with its best scorer, where that is another row.
+    """
+    pairs = []
+    for row in rows:
+        baseline = baseline_for(row, rows)
+        if baseline is None:
+            continue
+        pairs.append((row, baseline))
+        best = best_uniform(row, rows) if row["policy"] == "prefixkv" else None
+        if best is not None and best is not baseline:
+            pairs.append((row, best))
+    compared = []
+    for row, baseline in pairs:
+        rouge = [a - b for a, b in zip(row["rouge_per_prompt"], baseline["rouge_per_prompt"])]
+        needle = [a - b for a, b in zip(row["needle_per_prompt"], baseline["needle_per_prompt"])]
+        compared.append(
+            {
+                "name": row["name"],
+                "baseline": baseline["name"],
+                "n": len(rouge),
+                "needle_n": len(needle),
+                "rouge": paired_interval(rouge),
+                "needle": paired_interval(needle) if needle else None,
+            }
+        )
+    return compared
+
+
+def _interval(value: tuple[float, float, float] | None) -> str:
+    if value is None:
+        return "-"
+    mean, low, high = value
+    verdict = " (above 0)" if low > 0 else " (below 0)" if high < 0 else ""
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{verdict}"
+
+
 def markdown(rows, prompts, args, header) -> str:
     kinds = sorted({p["kind"] for p in prompts})
     lines = [header, ""]
@@ -244,13 +337,13 @@ def markdown(rows, prompts, args, header) -> str:
     )
     lines.append("|" + "---|" * (10 + len(kinds)))
     for row in rows:
-        policy = row["policy"]
-        scorer = "-" if policy == "none" else ("recency" if policy == "streaming" else row["scorer"])
-        budget = "1.0" if policy == "none" else f"{row['budget']:g}"
+        policy = policy_label(row)
+        scorer = "-" if row["policy"] == "none" else ("recency" if row["policy"] == "streaming" else row["scorer"])
+        budget = "1.0" if row["policy"] == "none" else f"{row['budget']:g}"
         if "error" in row:
             lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (8 + len(kinds)))
             continue
-        rouge = "1.000 (reference)" if policy == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
+        rouge = "1.000 (reference)" if row["policy"] == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
         label = f"{policy}, decode {row['decode']}" if "decode" in row else policy
         lines.append(
             f"| {label} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
@@ -258,6 +351,20 @@ def markdown(rows, prompts, args, header) -> str:
             + " | ".join(f"{row['rouge_by_kind'][k]:.2f}" for k in kinds)
             + f" | {row['generate_s']:.0f} | {row['foreign_share']:.0%} |"
         )
+    compared = comparisons(rows)
+    if compared:
+        lines += [
+            "",
+            "Paired against `uniform` at the same budget (same scorer; a `uniform` or `streaming` row: against the default "
+            f"`{DEFAULT_SCORER}` scorer; `prefixkv` also against `uniform` with its best scorer by mean ROUGE-L), prompt by prompt "
+            "(mean difference [95% bootstrap interval over prompts, "
+            f"{BOOTSTRAP_SAMPLES} resamples]; *above 0* / *below 0*: the whole interval is):",
+            "",
+            "| configuration | compared with | Δ ROUGE-L (all prompts) | Δ needle accuracy (needle prompts) |",
+            "|---|---|---|---|",
+        ]
+        for c in compared:
+            lines.append(f"| {c['name']} | {c['baseline']} | {_interval(c['rouge'])} (n={c['n']}) | {_interval(c['needle'])} (n={c['needle_n']}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -269,20 +376,22 @@ def plot(rows, path: Path, budgets) -> None:
 
     full = next(r for r in rows if r["policy"] == "none" and "error" not in r)
     full_acc = full["needle_hits"] / max(1, full["needle_n"])
-    colors = {"raw": "#d95f02", "mean": "#7570b3", "window": "#1b9e77", "recency": "#999999"}
-    groups = [(b, p) for b in budgets for p in POLICIES]
+    colors = {"raw": "#d95f02", "mean": "#7570b3", "window": "#1b9e77", "snapkv": "#e7298a", "recency": "#999999"}
+    labels = list(dict.fromkeys(policy_label(r) for r in rows if r["policy"] != "none"))
+    groups = [(b, label) for b in budgets for label in labels]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     for ax, metric in zip(axes, ("rouge", "needle")):
-        for gi, (budget, policy) in enumerate(groups):
-            members = [r for r in rows if r["policy"] == policy and r.get("budget") == budget and "error" not in r]
+        for gi, (budget, label) in enumerate(groups):
+            members = [r for r in rows if r["policy"] != "none" and policy_label(r) == label and r["budget"] == budget and "error" not in r]
+            width = 0.8 / max(1, len(members))
             for mi, row in enumerate(members):
-                scorer = "recency" if policy == "streaming" else row["scorer"]
-                x = gi + (mi - (len(members) - 1) / 2) * 0.26
+                scorer = "recency" if row["policy"] == "streaming" else row["scorer"]
+                x = gi + (mi - (len(members) - 1) / 2) * width
                 if metric == "rouge":
-                    ax.bar(x, row["rouge_mean"], 0.24, yerr=row["rouge_sem"], color=colors[scorer], capsize=2)
+                    ax.bar(x, row["rouge_mean"], width * 0.92, yerr=row["rouge_sem"], color=colors[scorer], capsize=2)
                 else:
-                    ax.bar(x, row["needle_hits"] / max(1, row["needle_n"]), 0.24, color=colors[scorer])
-        ax.set_xticks(range(len(groups)), [f"{p}\n@{b:g}" for b, p in groups], fontsize=8)
+                    ax.bar(x, row["needle_hits"] / max(1, row["needle_n"]), width * 0.92, color=colors[scorer])
+        ax.set_xticks(range(len(groups)), [f"{label.replace(' (', chr(10) + '(')}\n@{b:g}" for b, label in groups], fontsize=7)
         if metric == "rouge":
             ax.set_ylabel("ROUGE-L F1 vs full-cache answer")
             ax.set_ylim(0, 1)
@@ -291,9 +400,10 @@ def plot(rows, path: Path, budgets) -> None:
             ax.text(len(groups) - 0.5, full_acc, f"full cache {full_acc:.0%}", ha="right", va="bottom", fontsize=8)
             ax.set_ylabel("needle accuracy")
             ax.set_ylim(0, 1.05)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    fig.legend(handles, list(colors), title="scorer", loc="upper right", ncol=4, fontsize=8)
-    fig.suptitle(f"PrefixKV on SmolLM2-135M-Instruct (vLLM CPU): answers vs full cache, n={full['n']} prompts", fontsize=10)
+    used = [s for s in colors if any(r["policy"] != "none" and ("recency" if r["policy"] == "streaming" else r["scorer"]) == s for r in rows)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in used]
+    fig.legend(handles, used, title="scorer", loc="upper right", ncol=len(used), fontsize=8)
+    fig.suptitle(f"PrefixKV on SmolLM2-135M-Instruct (vLLM CPU): answers vs full cache, n={full['n']} prompts", fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=120)
 
@@ -301,12 +411,13 @@ def plot(rows, path: Path, budgets) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5])
-    parser.add_argument("--num-prompts", type=int, default=16)
+    parser.add_argument("--num-prompts", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--min-tokens", type=int, default=1000, help="shortest prompt (tokens, template included)")
     parser.add_argument("--max-tokens", type=int, default=2500, help="longest prompt")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
+    parser.add_argument("--profiles", nargs="+", type=Path, default=[], metavar="PROFILE", help="also run prefixkv with each profile (`prefixkv calibrate`), with its scorer, at the budgets it has")
     parser.add_argument("--seed", type=int, default=0, help="prompt builder seed")
     parser.add_argument("--recent", type=int, default=1, help="kv_recent: last prompt tokens always kept (the paper: 1)")
     parser.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
@@ -356,7 +467,13 @@ def main(argv=None) -> int:
         if same:
             previous = {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r}
     results = []
-    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode)
+    from prefixkv_vllm.policy import Profile
+
+    profiles = []
+    for path in args.profiles:
+        profile = Profile.load(path)
+        profiles.append((path.resolve(), profile.scorer, profile.provenance.get("criterion", "attention"), tuple(profile.entries)))
+    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles)
     if args.prefix_caching:
         configs += [dict(c, prefix_caching=True) for c in configs if c["policy"] != "none"]
     for config in configs:
@@ -375,6 +492,8 @@ def main(argv=None) -> int:
             print("[quality] the full-cache reference failed; stopping", file=sys.stderr)
             return 1
     total_s = time.time() - begun
+    # With --resume, this run's time says little: the configurations' own wall times, reused ones included, do.
+    configurations_s = sum(r.get("wall_s") or 0.0 for r in results)
     rows = score(results, prompts)
     lengths = [len(p["prompt_token_ids"]) for p in prompts]
     kinds = {k: sum(p["kind"] == k for p in prompts) for k in sorted({p["kind"] for p in prompts})}
@@ -393,13 +512,14 @@ def main(argv=None) -> int:
             + f"; {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), chat template included",
             f"- Decoding: greedy (temperature 0), {args.max_new_tokens} new tokens max, all prompts in one `llm.generate` call per configuration",
             f"- Plugin settings: `kv_sink` 1, `kv_recent` {args.recent}, `kv_window` 32, per-layer selection; "
-            "`prefixkv` without a profile (ratios calibrated at start-up with the same scorer, cached)",
-            "- ROUGE-L: LCS F1 on whitespace tokens against the full-cache answer to the same prompt; s.e. = standard error over prompts. "
+            "`prefixkv` without a profile (ratios calibrated at start-up with the same scorer, cached); "
+            "`prefixkv (C profile)`: ratios from a `prefixkv calibrate --criterion C` profile (`--kv-profile`)",
+            "- ROUGE-L: `rouge-score`'s rougeL F1 against the full-cache answer to the same prompt; s.e. = standard error over prompts. "
             "Needle accuracy: the answer contains the pass key / badge number.",
             "- *generate s*: wall time of the `llm.generate` call (prefill dominates on CPU). *Other jobs' CPU share*: CPU time "
             "that processes outside this benchmark took while the configuration ran, as a share of the machine "
             "(from /proc; this machine is shared, so compare timings only where it is near 0).",
-            f"- Total run time: {total_s / 60:.1f} min",
+            f"- Total run time: {total_s / 60:.1f} min; the configurations' wall times add up to {configurations_s / 60:.1f} min",
         ]
     )
     table = markdown(rows, prompts, args, header)
@@ -415,6 +535,7 @@ def main(argv=None) -> int:
                 "prompts": [{k: v for k, v in p.items() if k != "prompt_token_ids"} for p in prompts],
                 "results": results,
                 "rows": rows,
+                "comparisons": comparisons(rows),
             },
             indent=1,
         )

@@ -17,6 +17,7 @@ from prefixkv_vllm.policy import (
     Protection,
     RawScorer,
     RecencyScorer,
+    SnapKVScorer,
     WindowScorer,
     average_keep_ratios,
     build_policy,
@@ -180,6 +181,38 @@ class TestScorers:
         accumulated = torch.tensor([[8.0, 0.0], [0.0, 8.0]])
         assert scorer.scores(accumulated, 2).tolist() == [[2.0, 2.0]]
         assert WindowScorer(per_kv_head=True, window=8).scores(accumulated, 2).shape == (2, 2)
+
+    def test_snapkv_keeps_a_span_together(self):
+        # A five-token span of equal attention and two lone tokens that each take more.
+        accumulated = torch.zeros(1, 64)
+        accumulated[0, 20:25] = 1.0
+        accumulated[0, [40, 50]] = 1.5
+        protection = Protection(sink=1, recent=1)
+        span = set(range(20, 25))
+
+        def kept(scorer):
+            return set(select_tokens(scorer.scores(accumulated, 64), 2 + 5, protection)[0].tolist())
+
+        assert not span <= kept(WindowScorer())  # the lone tokens win two of the five places
+        assert kept(SnapKVScorer()) == {0, 63} | span
+
+    @given(st.integers(1, 40), st.integers(1, 5), st.integers(0, 2**31 - 1), st.booleans())
+    @settings(max_examples=30, deadline=None)
+    def test_snapkv_kernel_one_is_the_window_scorer(self, length, heads, seed, per_kv_head):
+        accumulated = torch.rand(heads, length, generator=torch.Generator().manual_seed(seed))
+        window = WindowScorer(per_kv_head=per_kv_head, window=8).scores(accumulated, length)
+        pooled = SnapKVScorer(per_kv_head=per_kv_head, window=8, kernel=1).scores(accumulated, length)
+        torch.testing.assert_close(pooled, window, rtol=0, atol=0)
+
+    def test_snapkv_averages_its_neighbours_and_keeps_the_length(self):
+        scores = SnapKVScorer(window=1, kernel=3).scores(torch.tensor([[3.0, 0.0, 6.0, 0.0]]), 4)
+        torch.testing.assert_close(scores, torch.tensor([[1.0, 3.0, 2.0, 2.0]]))
+        with pytest.raises(ValueError, match="odd kernel"):
+            SnapKVScorer(kernel=4)
+
+    def test_snapkv_by_name(self):
+        scorer = build_policy("uniform", 0.5, scorer="snapkv", window=16).scorer
+        assert isinstance(scorer, SnapKVScorer) and scorer.window == 16 and scorer.min_query_pos(100) == 84
 
     def test_recency_needs_no_attention(self):
         scorer = RecencyScorer()

@@ -4,7 +4,7 @@ from .allocation import Allocator, PrefixSearchAllocator, ProfileAllocator, Unif
 from .curves import importance_curves, prefix_counts, search_prefix_config
 from .policies import POLICY_NAMES, KVPolicy, build_policy
 from .profile import ModelIdentity, Profile, ProfileError, average_keep_ratios
-from .scorers import SCORERS, MeanScorer, RawScorer, RecencyScorer, Scorer, WindowScorer, make_scorer
+from .scorers import SCORERS, MeanScorer, RawScorer, RecencyScorer, Scorer, SnapKVScorer, WindowScorer, make_scorer
 from .selection import Protection, clamp_keep_counts, select_tokens
 
 __all__ = [
@@ -12,6 +12,6 @@ __all__ = [
     "importance_curves", "prefix_counts", "search_prefix_config",
     "POLICY_NAMES", "KVPolicy", "build_policy",
     "ModelIdentity", "Profile", "ProfileError", "average_keep_ratios",
-    "SCORERS", "MeanScorer", "RawScorer", "RecencyScorer", "Scorer", "WindowScorer", "make_scorer",
+    "SCORERS", "MeanScorer", "RawScorer", "RecencyScorer", "Scorer", "SnapKVScorer", "WindowScorer", "make_scorer",
     "Protection", "clamp_keep_counts", "select_tokens",
 ]

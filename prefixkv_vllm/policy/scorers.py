@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,30 @@ class WindowScorer(Scorer):
 
 
 @dataclass(frozen=True)
+class SnapKVScorer(WindowScorer):
+    """Window scores averaged over ``kernel`` neighbouring tokens (SnapKV's pooling, kernel 7).
+
+    A lone token of a span (a digit of a number, a piece of a name) rarely takes
+    the most attention on its own; pooling lets its neighbours' attention count
+    for it, so a span is kept or dropped as a whole. Padding counts as zero
+    attention (``avg_pool1d``'s default, as in SnapKV), so the prompt's first and
+    last ``kernel // 2`` tokens score a little lower than inside tokens.
+    """
+
+    kernel: int = 7
+    name = "snapkv"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"snapkv scorer needs an odd kernel >= 1 (the output must keep its length), got {self.kernel}")
+
+    def _per_head_scores(self, accumulated, prompt_len):
+        window_scores = super()._per_head_scores(accumulated, prompt_len)
+        return F.avg_pool1d(window_scores.unsqueeze(1), self.kernel, stride=1, padding=self.kernel // 2).squeeze(1)
+
+
+@dataclass(frozen=True)
 class RecencyScorer(Scorer):
     """Later tokens score higher (StreamingLLM with the protected sink tokens); reads no attention."""
 
@@ -85,12 +110,15 @@ class RecencyScorer(Scorer):
         return positions.expand(accumulated.shape[0], -1)
 
 
-SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (RawScorer, MeanScorer, WindowScorer, RecencyScorer)}
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls for cls in (RawScorer, MeanScorer, WindowScorer, SnapKVScorer, RecencyScorer)
+}
 
 
 def make_scorer(name: str, *, per_kv_head: bool = False, window: int = 32) -> Scorer:
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(SCORERS)}")
-    if name == "window":
-        return WindowScorer(per_kv_head=per_kv_head, window=window)
-    return SCORERS[name](per_kv_head=per_kv_head)
+    scorer_class = SCORERS[name]
+    if issubclass(scorer_class, WindowScorer):
+        return scorer_class(per_kv_head=per_kv_head, window=window)
+    return scorer_class(per_kv_head=per_kv_head)

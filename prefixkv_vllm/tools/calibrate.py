@@ -1,35 +1,71 @@
 """Offline calibration: per-layer keep ratios for a model, as a profile.
 
-Runs the model in transformers with eager attention on calibration prompts,
-accumulates each layer's attention per KV head exactly as the ``importance``
-op does in serving, applies the chosen scorer, runs the PrefixKV search per
-prompt and averages the kept fractions (the paper's offline mode).
+Runs the model in transformers with eager attention on calibration prompts and
+accumulates each layer's attention per KV head exactly as the ``importance`` op
+does in serving, then applies the chosen scorer. Two allocation criteria:
 
-The prompts are documents built from the Python standard library's own
-docstrings, each followed by an instruction, so calibration needs no download.
-``prefixkv calibrate MODEL --budget 0.2 0.5 -o profile.json`` writes a profile;
+* ``attention`` (the paper's rule, the default): per prompt, the PrefixKV search
+  gives every layer the same share of its own attention mass; the kept fractions
+  are averaged over prompts (the paper's offline mode).
+* ``loss``: per prompt, the model first decodes ``positions`` tokens greedily on the
+  full cache. Then, for each layer and each of a few keep ratios, only that layer's
+  prompt keys are cut to the scorer's selection (as serving compacts them after
+  prefill) and the KL divergence of the next-token distributions over those
+  decoded positions, against the full cache, is that layer's cost at that ratio.
+  The costs are averaged over prompts and the budget is shared where it costs least
+  (``policy.costs.allocate_by_cost``).
+
+The prompts are built from the Python standard library's own docstrings, so
+calibration needs no download: ``documents`` (a document and an instruction),
+``needles`` (a document with one locker code hidden at 10-90% depth, and the
+question for it) and ``chat`` (a multi-turn conversation whose last question
+refers back to an earlier turn); ``--mix`` picks which, cycled over the prompts.
+``prefixkv calibrate MODEL --budget 0.2 0.5 -o profile.json`` writes a profile,
+shows progress bars and prints the ratios per layer; ``--plot`` draws them.
 ``vllm serve --kv-policy prefixkv`` without ``--kv-profile`` calls
-``cached_calibration`` once per model and settings and caches the result.
+``cached_calibration`` (attention criterion, documents) once per model and
+settings, logs its progress, and caches the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import os
+import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
-from ..policy import Profile, average_keep_ratios, importance_curves, make_scorer, search_prefix_config
+from ..policy import (
+    SCORERS,
+    Profile,
+    Protection,
+    average_keep_ratios,
+    clamp_keep_counts,
+    importance_curves,
+    make_scorer,
+    search_prefix_config,
+    select_tokens,
+)
+from ..policy.costs import allocate_by_cost
 from ..policy.layers import full_attention_layers
 from ..policy.profile import ModelIdentity
+from ..policy.scorers import Scorer
 
 RECIPE_VERSION = 1
+CRITERIA = ("attention", "loss")
+TASKS = ("documents", "needles", "chat")
+# Keep ratios at which the loss criterion measures each layer (1.0, which costs nothing, is implied).
+LOSS_RATIOS = (0.05, 0.1, 0.2, 0.4, 0.7)
+LOSS_POSITIONS = 32  # decoded tokens whose next-token distributions are compared
 _DOCUMENT_MODULES = ("argparse", "json", "logging", "pathlib", "subprocess", "threading", "collections", "itertools")
 _INSTRUCTIONS = (
     "Summarize the document above in three sentences.",
@@ -37,33 +73,89 @@ _INSTRUCTIONS = (
     "What problem does the module described above solve?",
     "Write one question a new user might ask after reading the document above, and answer it.",
 )
+_LOCKERS = ("red", "blue", "green", "yellow", "orange", "purple", "silver", "black")
+
+T = TypeVar("T")
+# Wraps one loop of the calibration so that it can be watched: (items, description, count) -> items.
+Progress = Callable[[Iterable[T], str, int], Iterable[T]]
 
 
-def calibration_prompts(tokenizer, num_prompts: int, max_tokens: int) -> list[list[int]]:
-    prompts = []
-    for index in range(num_prompts):
-        module = __import__(_DOCUMENT_MODULES[index % len(_DOCUMENT_MODULES)])
-        document = "\n\n".join(
-            doc for _, obj in sorted(vars(module).items()) if (doc := inspect.getdoc(obj)) and len(doc) > 200
-        )
-        instruction = _INSTRUCTIONS[index % len(_INSTRUCTIONS)]
-        budget_chars = max_tokens * 3  # keeps the document well inside max_tokens before templating
-        messages = [{"role": "user", "content": f"{document[:budget_chars]}\n\n{instruction}"}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):
-            ids = ids["input_ids"]
-        prompts.append(list(ids)[-max_tokens:])
-    return prompts
+def _unwatched(items: Iterable[T], description: str, total: int) -> Iterable[T]:
+    return items
+
+
+def _docstrings(module_name: str) -> list[tuple[str, str]]:
+    module = __import__(module_name)
+    return [(name, doc) for name, obj in sorted(vars(module).items()) if (doc := inspect.getdoc(obj)) and len(doc) > 200]
+
+
+def _encode(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if not isinstance(ids, list):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def _document_prompt(index: int, budget_chars: int) -> list[dict]:
+    document = "\n\n".join(doc for _, doc in _docstrings(_DOCUMENT_MODULES[index % len(_DOCUMENT_MODULES)]))
+    instruction = _INSTRUCTIONS[index % len(_INSTRUCTIONS)]
+    return [{"role": "user", "content": f"{document[:budget_chars]}\n\n{instruction}"}]
+
+
+def _needle_prompt(index: int, budget_chars: int) -> list[dict]:
+    rng = random.Random(index)
+    # Another module than the documents task's prompt of the same index, so the two tasks differ.
+    module = _DOCUMENT_MODULES[(index + 3) % len(_DOCUMENT_MODULES)]
+    document = "\n\n".join(doc for _, doc in _docstrings(module))[:budget_chars]
+    locker, code = _LOCKERS[index % len(_LOCKERS)], rng.randint(10000, 99999)
+    at = max(0, document.rfind("\n\n", 0, round(rng.uniform(0.1, 0.9) * len(document))))
+    document = f"{document[:at]}\n\nThe code of the {locker} locker is {code}.{document[at:]}"
+    question = f"What is the code of the {locker} locker? Answer with the number only."
+    return [{"role": "user", "content": f"{document}\n\n{question}"}]
+
+
+def _chat_prompt(index: int, budget_chars: int) -> list[dict]:
+    rng = random.Random(index)
+    messages, used = [], 0
+    entries = [(name, doc) for name, doc in _docstrings(_DOCUMENT_MODULES[(index + 5) % len(_DOCUMENT_MODULES)]) if not name.startswith("_")]
+    for name, doc in entries:
+        answer = doc.split("\n\n")[0]
+        used += len(answer) + len(name) + 40
+        if messages and used > budget_chars:
+            break
+        messages += [{"role": "user", "content": f"What does `{name}` do?"}, {"role": "assistant", "content": answer}]
+    asked = messages[2 * rng.randrange(len(messages) // 2)]["content"].split("`")[1]
+    messages.append({"role": "user", "content": f"Earlier you explained `{asked}`. Remind me in one sentence what it is for."})
+    return messages
+
+
+_TASK_PROMPTS = {"documents": _document_prompt, "needles": _needle_prompt, "chat": _chat_prompt}
+
+
+def calibration_prompts(tokenizer, num_prompts: int, max_tokens: int, tasks: Sequence[str] = ("documents",)) -> list[list[int]]:
+    """``num_prompts`` prompts, cycling over ``tasks``, each at most ``max_tokens`` tokens (its end kept)."""
+    unknown = [task for task in tasks if task not in _TASK_PROMPTS]
+    if unknown or not tasks:
+        raise ValueError(f"calibration tasks must be some of {', '.join(TASKS)}, got {list(tasks)}")
+    budget_chars = max_tokens * 3  # keeps the text well inside max_tokens before templating
+    return [
+        _encode(tokenizer, _TASK_PROMPTS[tasks[index % len(tasks)]](index, budget_chars))[-max_tokens:]
+        for index in range(num_prompts)
+    ]
 
 
 @torch.no_grad()
 def layer_attention(model, input_ids: list[int], min_query_pos: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
     """Per layer in ``layers``, the attention each token receives from queries at ``>= min_query_pos``: ``[Hkv, S]``."""
-    num_kv_heads = _num_kv_heads(model.config.get_text_config())
     outputs = model(torch.tensor([input_ids]), output_attentions=True, use_cache=False)
+    return _accumulated(model, outputs.attentions, min_query_pos, layers)
+
+
+def _accumulated(model, attentions, min_query_pos: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
+    num_kv_heads = _num_kv_heads(model.config.get_text_config())
     accumulated = []
     for layer in layers:
-        probs = outputs.attentions[layer]  # [1, Hq, S, S], softmax of the layer's own scaled logits
+        probs = attentions[layer]  # [1, Hq, S, S], softmax of the layer's own scaled logits
         received = probs[0, :, min_query_pos:, :].float().sum(dim=1)  # [Hq, S]
         accumulated.append(received.view(num_kv_heads, -1, received.shape[-1]).mean(dim=1))
     return accumulated
@@ -73,18 +165,94 @@ def _num_kv_heads(text_config) -> int:
     return getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
 
 
-def calibrate(
-    model_path: str,
-    budgets: list[float],
-    *,
-    scorer: str = "window",
-    window: int = 32,
-    num_prompts: int = 8,
-    max_tokens: int = 1024,
-) -> Profile:
+def _attention_modules(model, num_layers: int) -> dict[int, torch.nn.Module]:
+    """The language model's attention module of each layer, by layer index."""
+    found = {
+        module.layer_idx: module
+        for name, module in model.named_modules()
+        if name.endswith("self_attn") and "vision" not in name and isinstance(getattr(module, "layer_idx", None), int)
+    }
+    if sorted(found) != list(range(num_layers)):
+        raise ValueError(f"found attention modules for layers {sorted(found)}, expected 0..{num_layers - 1}")
+    return found
+
+
+@contextlib.contextmanager
+def _evicting(attention: torch.nn.Module, evicted: torch.Tensor, prompt_len: int) -> Iterator[None]:
+    """While active, queries after the prompt cannot see the ``evicted`` prompt keys of this one layer.
+
+    Replaces the layer's attention mask with causal attention over the cached
+    prompt and the new tokens, minus the evicted prompt tokens: what the layer's
+    compacted cache shows a decoded token in serving.
+    """
+
+    def hook(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        queries = hidden.shape[1]
+        blocked = torch.ones(queries, prompt_len + queries, dtype=torch.bool, device=hidden.device).triu(prompt_len + 1)
+        blocked[:, :prompt_len] |= evicted.to(hidden.device)
+        mask = torch.zeros(blocked.shape, dtype=hidden.dtype, device=hidden.device)
+        kwargs["attention_mask"] = mask.masked_fill(blocked, torch.finfo(hidden.dtype).min)[None, None]
+        return args, kwargs
+
+    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _continuation_log_probs(model, continuation: torch.Tensor, cache) -> torch.Tensor:
+    """Log-probabilities ``[P, V]`` after each continuation token on the cached prompt; the cache is left as it was."""
+    logits = model(continuation, past_key_values=cache, use_cache=True).logits[0]
+    cache.crop(-continuation.shape[1])
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def layer_costs(
+    model,
+    input_ids: list[int],
+    layers: tuple[int, ...],
+    token_scorer: Scorer,
+    protection: Protection,
+    ratios: Sequence[float],
+    positions: int = LOSS_POSITIONS,
+    progress: Progress = _unwatched,
+) -> torch.Tensor:
+    """``[len(layers), len(ratios)]``: mean KL(full cache || only that layer compressed) over ``positions`` decoded tokens."""
+    prompt_len = len(input_ids)
+    outputs = model(torch.tensor([input_ids]), output_attentions=True, use_cache=True)
+    accumulated = _accumulated(model, outputs.attentions, token_scorer.min_query_pos(prompt_len), layers)
+    scores = [token_scorer.scores(a, prompt_len) for a in accumulated]
+    cache = outputs.past_key_values
+    cache.activate_past_recording()  # so that sliding-window layers can be cropped back to the prompt
+    # The first decoded token comes from the prefill, before serving compacts the cache: it is never affected.
+    generated = [int(outputs.logits[0, -1].argmax())]
+    del outputs
+    for _ in range(positions - 1):
+        step = model(torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True)
+        generated.append(int(step.logits[0, -1].argmax()))
+    cache.crop(-(positions - 1))
+    continuation = torch.tensor([generated])
+    reference = _continuation_log_probs(model, continuation, cache)
+    attention = _attention_modules(model, model.config.get_text_config().num_hidden_layers)
+    counts = clamp_keep_counts(torch.tensor([round(r * prompt_len) for r in ratios]), prompt_len, protection).tolist()
+    costs = torch.zeros(len(layers), len(ratios))
+    work = [(i, j) for i in range(len(layers)) for j in range(len(ratios))]
+    for i, j in progress(work, "layers x ratios", len(work)):
+        evicted = torch.ones(prompt_len, dtype=torch.bool)
+        evicted[select_tokens(scores[i], counts[j], protection)[0]] = False
+        with _evicting(attention[layers[i]], evicted, prompt_len):
+            compressed = _continuation_log_probs(model, continuation, cache)
+        costs[i, j] = (reference.exp() * (reference - compressed)).sum(dim=-1).mean().clamp_min(0.0)
+    return costs
+
+
+def load_model(model_path: str):
+    """Tokenizer, model (fp32, eager attention), its text config and its compressed layers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     # Vision-language models are calibrated on the same text-only prompts (no image data offline).
@@ -97,17 +265,70 @@ def calibrate(
     layers = full_attention_layers(text_config, text_config.num_hidden_layers)
     if not layers:
         raise ValueError(f"{model_path} has no full-attention layers: nothing to calibrate")
+    return tokenizer, model, text_config, layers
+
+
+def calibrate(
+    model_path: str,
+    budgets: list[float],
+    *,
+    scorer: str = "window",
+    window: int = 32,
+    num_prompts: int = 8,
+    max_tokens: int = 1024,
+    criterion: str = "attention",
+    tasks: Sequence[str] = ("documents",),
+    sink: int = 1,
+    recent: int = 64,
+    loss_ratios: Sequence[float] = LOSS_RATIOS,
+    positions: int = LOSS_POSITIONS,
+    progress: Progress = _unwatched,
+) -> Profile:
+    """A profile with one entry per budget. ``sink``, ``recent``, ``loss_ratios`` and ``positions`` are the loss criterion's."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    if criterion == "loss" and min(budgets) < loss_ratios[0]:  # fail before the long part
+        raise ValueError(f"the loss criterion measures keep ratios from {loss_ratios[0]:g}; budget {min(budgets):g} is below")
+    started = time.time()
+    tokenizer, model, text_config, layers = load_model(model_path)
     token_scorer = make_scorer(scorer, window=window)
+    protection = Protection(sink=sink, recent=recent)
+    prompts = calibration_prompts(tokenizer, num_prompts, max_tokens, tasks)
     counts = {budget: [] for budget in budgets}
-    lengths = []
-    for input_ids in calibration_prompts(tokenizer, num_prompts, max_tokens):
+    costs = []
+    for input_ids in progress(prompts, "calibration prompts", len(prompts)):
         prompt_len = len(input_ids)
+        if criterion == "loss":
+            costs.append(layer_costs(model, input_ids, layers, token_scorer, protection, loss_ratios, positions, progress))
+            continue
         accumulated = layer_attention(model, input_ids, token_scorer.min_query_pos(prompt_len), layers)
         layer_scores = torch.stack([token_scorer.scores(a, prompt_len)[0] for a in accumulated])
         curves = importance_curves(layer_scores)
         for budget in budgets:
             counts[budget].append(search_prefix_config(curves, budget).tolist())
-        lengths.append(prompt_len)
+    lengths = [len(p) for p in prompts]
+    provenance = {
+        "tool": "prefixkv calibrate",
+        "recipe": RECIPE_VERSION,
+        "criterion": criterion,
+        "tasks": list(tasks),
+        "model_path": str(model_path),
+        "samples": len(lengths),
+        "prompt_tokens": lengths,
+        "window": window,
+    }
+    if criterion == "loss":
+        mean_costs = torch.stack(costs).mean(dim=0)
+        entries = {budget: allocate_by_cost(loss_ratios, mean_costs, budget) for budget in budgets}
+        provenance.update(
+            sink=sink,
+            recent=recent,
+            positions=positions,
+            loss_ratios=list(loss_ratios),
+            kl_per_layer=[[round(v, 6) for v in row] for row in mean_costs.tolist()],
+        )
+    else:
+        entries = {budget: average_keep_ratios(counts[budget], lengths) for budget in budgets}
     identity = ModelIdentity(
         name=Path(model_path).name,
         num_layers=len(layers),
@@ -115,20 +336,22 @@ def calibrate(
         head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads,
         layers=layers,
     )
-    return Profile(
-        identity,
-        scorer,
-        {budget: average_keep_ratios(counts[budget], lengths) for budget in budgets},
-        {
-            "tool": "prefixkv calibrate",
-            "recipe": RECIPE_VERSION,
-            "model_path": str(model_path),
-            "samples": len(lengths),
-            "prompt_tokens": lengths,
-            "window": window,
-            "seconds": round(time.time() - started, 1),
-        },
-    )
+    provenance["seconds"] = round(time.time() - started, 1)
+    return Profile(identity, scorer, entries, provenance)
+
+
+def logged_progress(logger: logging.Logger, what: str) -> Progress:
+    """Progress through ``logger``: about ten lines per loop, however long it is."""
+
+    def progress(items, description, total):
+        shown = -1
+        for done, item in enumerate(items):
+            if done * 10 // max(1, total) != shown:
+                shown = done * 10 // max(1, total)
+                logger.info("PrefixKV: calibrating %s: %s %d/%d", what, description, done + 1, total)
+            yield item
+
+    return progress
 
 
 def cached_calibration(model_path: str, budget: float, scorer: str, window: int) -> Profile:
@@ -142,7 +365,9 @@ def cached_calibration(model_path: str, budget: float, scorer: str, window: int)
     path = default_cache_dir() / "profiles" / f"{Path(model_path).name}-{digest}.json"
     if path.exists():
         return Profile.load(path)
-    profile = calibrate(model_path, [budget], scorer=scorer, window=window)
+    # Under "vllm" so that vLLM's log handlers show it at start-up.
+    progress = logged_progress(logging.getLogger("vllm.prefixkv"), Path(model_path).name)
+    profile = calibrate(model_path, [budget], scorer=scorer, window=window, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     profile.save(temporary)
@@ -150,21 +375,108 @@ def cached_calibration(model_path: str, budget: float, scorer: str, window: int)
     return profile
 
 
+def ratio_table(profile: Profile) -> str:
+    """Kept ratio per compressed layer (rows) and budget (columns), as text; with the loss costs where measured."""
+    budgets = sorted(profile.entries)
+    criterion = profile.provenance.get("criterion", "attention")
+    header = ["layer"] + [f"{criterion} @{b:g}" for b in budgets]
+    kl = profile.provenance.get("kl_per_layer")
+    if kl is not None:
+        header += [f"KL @{r:g}" for r in profile.provenance["loss_ratios"]]
+    rows = []
+    for position, layer in enumerate(profile.model.layers):
+        row = [str(layer)] + [f"{profile.entries[b][position]:.3f}" for b in budgets]
+        if kl is not None:
+            row += [f"{v:.4f}" for v in kl[position]]
+        rows.append(row)
+    rows.append(["mean"] + [f"{sum(profile.entries[b]) / len(profile.entries[b]):.3f}" for b in budgets] + [""] * (len(header) - 1 - len(budgets)))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
+
+
+def plot_ratios(profiles: Sequence[Profile], path: str | Path) -> None:
+    """Kept ratio per layer: one line per profile entry (criterion and budget), uniform dotted for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    budgets = sorted({b for p in profiles for b in p.entries})
+    styles = ("-", "--", "-.", (0, (1, 1)))  # one per budget; one colour per profile
+    for index, profile in enumerate(profiles):
+        criterion = profile.provenance.get("criterion", "attention")
+        tasks = "+".join(profile.provenance.get("tasks", ["documents"]))
+        for budget, ratios in sorted(profile.entries.items()):
+            ax.plot(
+                profile.model.layers, ratios, color=f"C{index}", linestyle=styles[budgets.index(budget) % len(styles)],
+                marker="o", markersize=3, label=f"{criterion} ({tasks}, {profile.scorer}) @{budget:g}",
+            )  # fmt: skip
+    for budget in budgets:
+        ax.axhline(budget, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("kept ratio of the prompt's KV")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"{profiles[0].model.name}: kept ratio per layer (dotted: uniform at the same budget)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _tqdm_progress(items, description, total):
+    from tqdm import tqdm
+
+    # The inner loops (one per prompt) vanish when done; the prompts' bar stays.
+    return tqdm(items, desc=description, total=total, leave=description == "calibration prompts", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prefixkv calibrate", description="Write a PrefixKV profile for a model.")
     parser.add_argument("model", help="local Hugging Face checkpoint directory")
     parser.add_argument("--budget", type=float, nargs="+", default=[0.2], help="budgets to calibrate (default 0.2)")
-    parser.add_argument("--scorer", default="window", help="token scorer (default window)")
+    parser.add_argument("--scorer", default="window", choices=list(SCORERS), help="token scorer (default window)")
     parser.add_argument("--window", type=int, default=32)
+    parser.add_argument(
+        "--criterion",
+        default="attention",
+        choices=CRITERIA,
+        help="attention (default): every layer keeps the same share of its attention mass (the paper); "
+        "loss: share the budget where compressing a layer changes the output least (KL divergence)",
+    )
+    parser.add_argument("--mix", nargs="+", default=["documents"], choices=TASKS, help="calibration tasks, cycled over the prompts (default documents)")
     parser.add_argument("--prompts", type=int, default=8, help="calibration prompts (default 8)")
     parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--sink", type=int, default=1, help="loss criterion: first tokens always kept, as --kv-sink (default 1)")
+    parser.add_argument("--recent", type=int, default=64, help="loss criterion: last prompt tokens always kept, as --kv-recent (default 64)")
+    parser.add_argument("--positions", type=int, default=LOSS_POSITIONS, help=f"loss criterion: decoded tokens compared (default {LOSS_POSITIONS})")
     parser.add_argument("-o", "--output", required=True, help="profile JSON to write")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the kept ratio per layer (needs matplotlib)")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="PROFILE", help="other profiles to draw beside this one in --plot")
     args = parser.parse_args(argv)
+    if args.positions < 1:
+        parser.error("--positions must be >= 1")
+    others = [Profile.load(path) for path in args.compare]  # fail before the long part
     profile = calibrate(
-        args.model, args.budget, scorer=args.scorer, window=args.window, num_prompts=args.prompts, max_tokens=args.max_tokens
+        args.model,
+        args.budget,
+        scorer=args.scorer,
+        window=args.window,
+        num_prompts=args.prompts,
+        max_tokens=args.max_tokens,
+        criterion=args.criterion,
+        tasks=args.mix,
+        sink=args.sink,
+        recent=args.recent,
+        positions=args.positions,
+        progress=_tqdm_progress,
     )
     profile.save(args.output)
-    print(args.output)
+    print(ratio_table(profile))
+    print(f"{args.output} ({profile.provenance['seconds']} s)")
+    if args.plot:
+        plot_ratios([profile, *others], args.plot)
+        print(args.plot)
     return 0
 
 

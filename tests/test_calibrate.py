@@ -1,0 +1,171 @@
+"""`prefixkv calibrate`: prompts, the loss criterion's measurement, and what users see."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from prefixkv_vllm.policy import Profile, Protection, WindowScorer
+from prefixkv_vllm.policy.profile import ModelIdentity
+from prefixkv_vllm.tools import calibrate as cal
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager",
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def one_layer(model):
+    """The same weights with only the first decoder layer."""
+    from transformers import LlamaForCausalLM
+
+    config = model.config.__class__(**{**model.config.to_dict(), "num_hidden_layers": 1})
+    config._attn_implementation = "eager"
+    small = LlamaForCausalLM(config).eval()
+    small.load_state_dict(model.state_dict(), strict=False)
+    return small
+
+
+@torch.no_grad()
+def test_evicting_matches_a_cache_without_those_tokens(tiny_llama):
+    # Layer 0's keys depend only on each token and its position, so a run over the kept
+    # prompt tokens at their true positions is what a compacted layer-0 cache gives.
+    model = one_layer(tiny_llama)
+    prompt = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
+    continuation = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    evicted = torch.zeros(40, dtype=torch.bool)
+    evicted[[3, 7, 8, 20, 33]] = True
+    cache = model(prompt, use_cache=True).past_key_values
+    with cal._evicting(cal._attention_modules(model, 1)[0], evicted, 40):
+        hooked = cal._continuation_log_probs(model, continuation, cache)
+    kept = (~evicted).nonzero().squeeze(1)
+    positions = torch.cat([kept, torch.arange(40, 46)])[None]
+    direct = model(torch.cat([prompt[:, kept], continuation], dim=1), position_ids=positions).logits[0, -6:]
+    torch.testing.assert_close(hooked, torch.log_softmax(direct, dim=-1), rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 40  # the measurement leaves the prompt's cache as it found it
+    unhooked = cal._continuation_log_probs(model, continuation, cache)
+    assert not torch.allclose(hooked, unhooked, atol=1e-3)  # the eviction changed something
+
+
+def test_layer_costs_are_zero_when_everything_is_kept(tiny_llama):
+    prompt = torch.randint(0, 64, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    scorer = WindowScorer(window=8)
+    costs = cal.layer_costs(tiny_llama, prompt, (0, 1), scorer, Protection(sink=1, recent=8), (0.1, 0.5), positions=5)
+    assert costs.shape == (2, 2) and (costs >= 0).all() and costs[:, 0].sum() > 0
+    everything = cal.layer_costs(tiny_llama, prompt, (0, 1), scorer, Protection(sink=1, recent=50), (0.1, 0.5), positions=5)
+    assert everything.abs().max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+
+    return AutoTokenizer.from_pretrained(str(demo_model_path()))  # built on first use, as the serving tests do
+
+
+def test_prompts_cycle_tasks_and_hide_a_needle(tokenizer):
+    prompts = cal.calibration_prompts(tokenizer, 6, 512, ["documents", "needles", "chat"])
+    assert len(prompts) == 6 and all(0 < len(p) <= 512 for p in prompts)
+    assert prompts[0] == cal.calibration_prompts(tokenizer, 1, 512)[0]  # documents alone: as before the mix existed
+    needle = tokenizer.decode(prompts[1])
+    assert "The code of the blue locker is" in needle and "What is the code of the blue locker?" in needle
+    assert tokenizer.decode(prompts[2]).count("What does `") >= 2
+    with pytest.raises(ValueError, match="calibration tasks"):
+        cal.calibration_prompts(tokenizer, 1, 512, ["poetry"])
+
+
+def profile():
+    return Profile(
+        ModelIdentity("m", 3, 1, 4, layers=(0, 2, 4)),
+        "window",
+        {0.2: (0.05, 0.15, 0.4), 0.5: (0.3, 0.5, 0.7)},
+        {"criterion": "loss", "tasks": ["documents"], "loss_ratios": [0.1, 0.5], "kl_per_layer": [[0.5, 0.1], [0.2, 0.0], [0.9, 0.3]]},
+    )
+
+
+def test_table_has_a_row_per_layer_and_a_column_per_budget():
+    lines = cal.ratio_table(profile()).splitlines()
+    assert lines[0].split() == ["layer", "loss", "@0.2", "loss", "@0.5", "KL", "@0.1", "KL", "@0.5"]
+    assert lines[2].split() == ["2", "0.150", "0.500", "0.2000", "0.0000"]
+    assert lines[-1].split() == ["mean", "0.200", "0.500"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "ratios.png"
+    cal.plot_ratios([profile()], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logged_progress_says_how_far(caplog):
+    progress = cal.logged_progress(logging.getLogger("vllm.prefixkv.test"), "m")
+    with caplog.at_level(logging.INFO, logger="vllm.prefixkv.test"):
+        assert list(progress(iter("abc"), "calibration prompts", 3)) == ["a", "b", "c"]
+    assert [r.getMessage() for r in caplog.records] == [f"PrefixKV: calibrating m: calibration prompts {i}/3" for i in (1, 2, 3)]
+
+
+def test_loss_criterion_rejects_budgets_below_its_ratios():
+    with pytest.raises(ValueError, match="below"):
+        cal.calibrate("/nonexistent", [0.01], criterion="loss")
+
+
+def test_layer_costs_on_a_hybrid_model_past_its_sliding_window():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        attn_implementation="eager",
+    )  # fmt: skip
+    model = Gemma3ForCausalLM(config).eval()
+    prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    scorer = WindowScorer(window=8)
+    costs = cal.layer_costs(model, prompt, (2,), scorer, Protection(sink=1, recent=4), (0.1, 0.5), positions=5)
+    assert costs.shape == (1, 2) and costs[0, 0] > 0
+    everything = cal.layer_costs(model, prompt, (2,), scorer, Protection(sink=1, recent=40), (0.1,), positions=5)
+    assert everything.abs().max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tokenizer):
+    """A 2-layer random Llama with the demo model's tokenizer, saved as a checkpoint directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_writes_the_profile_table_and_plot(tiny_checkpoint, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    attention = tmp_path / "attention.json"
+    assert cal.main([str(tiny_checkpoint), "--budget", "0.2", "--prompts", "1", "--max-tokens", "128", "-o", str(attention)]) == 0
+    output, plot = tmp_path / "loss.json", tmp_path / "loss.png"
+    argv = [str(tiny_checkpoint), "--criterion", "loss", "--mix", "needles", "chat", "--budget", "0.2", "0.5", "--prompts", "2",
+            "--max-tokens", "128", "--recent", "8", "--positions", "4", "-o", str(output), "--plot", str(plot), "--compare", str(attention)]  # fmt: skip
+    assert cal.main(argv) == 0
+    profile = Profile.load(output)
+    assert profile.provenance["criterion"] == "loss" and profile.provenance["tasks"] == ["needles", "chat"]
+    assert len(profile.provenance["kl_per_layer"]) == 2 and sorted(profile.entries) == [0.2, 0.5]
+    assert Profile.load(attention).provenance["criterion"] == "attention"
+    table = capsys.readouterr().out
+    assert "loss @0.2" in table and "KL @0.05" in table and table.count("\n") >= 4
+    assert plot.read_bytes()[:4] == b"\x89PNG"

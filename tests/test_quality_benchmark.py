@@ -1,0 +1,101 @@
+"""benchmarks/quality.py and benchmarks/prompts.py: the metric, the paired intervals, the prompt set."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_rouge_l_is_the_library_metric():
+    from quality import rouge_l_f1
+
+    assert rouge_l_f1("the cat sat on the mat", "the cat sat on the mat") == 1.0
+    # LCS 5 of 5 candidate and 6 reference tokens: F1 = 2 * 1 * 5/6 / (1 + 5/6)
+    assert rouge_l_f1("the cat on the mat", "the cat sat on the mat") == pytest.approx(10 / 11)
+    assert rouge_l_f1("Hello, World!", "hello world") == 1.0  # case and punctuation are not words
+    assert rouge_l_f1("", "") == 1.0 and rouge_l_f1("", "an answer") == 0.0
+
+
+def test_paired_interval():
+    from quality import paired_interval
+
+    assert paired_interval([0.25] * 10) == (0.25, 0.25, 0.25)
+    mean, low, high = paired_interval([0.1, 0.3, 0.2, 0.4, 0.0, 0.2, 0.3, 0.1])
+    assert low > 0 and low < mean < high
+    assert paired_interval([1, -1, 0, 1, -1, 0]) == paired_interval([1, -1, 0, 1, -1, 0])  # seeded
+    mean, low, high = paired_interval([1, -1, 0, 1, -1, 0])
+    assert low < 0 < high
+
+
+def row(policy, scorer, rouge, needle, budget=0.2, **extra):
+    return {
+        "policy": policy, "scorer": scorer, "budget": budget, "name": f"{policy}/{scorer}@{budget}",
+        "rouge_per_prompt": rouge, "needle_per_prompt": needle, "rouge_mean": sum(rouge) / len(rouge), **extra,
+    }  # fmt: skip
+
+
+def test_comparisons_pair_each_configuration_with_its_uniform_baseline():
+    from quality import comparisons
+
+    rows = [
+        {"policy": "none", "name": "full cache"},
+        row("uniform", "window", [0.5, 0.5, 0.5], [0, 1]),
+        row("uniform", "snapkv", [0.6, 0.7, 0.5], [1, 1]),
+        row("prefixkv", "snapkv", [0.6, 0.7, 0.6], [1, 1]),
+        row("prefixkv", "window", [0.4, 0.5, 0.5], [0, 0], profile="p.json", criterion="loss"),
+        row("prefixkv", "window", [0.5, 0.5, 0.5], [0, 1], budget=0.5),  # no uniform at 0.5
+        {"policy": "streaming", "budget": 0.2, "name": "streaming", "rouge_per_prompt": [0.5, 0.4, 0.3], "needle_per_prompt": [0, 1]},
+    ]
+    compared = comparisons(rows)
+    # prefixkv/window is also compared with uniform's best scorer (snapkv, by mean ROUGE-L).
+    assert [(c["name"], c["baseline"]) for c in compared] == [
+        ("uniform/snapkv@0.2", "uniform/window@0.2"),
+        ("prefixkv/snapkv@0.2", "uniform/snapkv@0.2"),
+        ("prefixkv/window@0.2", "uniform/window@0.2"),
+        ("prefixkv/window@0.2", "uniform/snapkv@0.2"),
+        ("streaming", "uniform/window@0.2"),
+    ]
+    assert compared[1]["rouge"][0] == pytest.approx(0.1 / 3)
+    assert compared[2]["needle"] == (-0.5, -1.0, 0.0)
+
+
+def test_profiles_run_at_their_budgets():
+    from quality import additional_config, config_name, configurations
+
+    configs = configurations([0.2, 0.5], ["uniform"], ["window"], profiles=[("/p/loss.json", "snapkv", "loss", (0.2,))])
+    profiled = [c for c in configs if "profile" in c]
+    assert profiled == [{"policy": "prefixkv", "budget": 0.2, "scorer": "snapkv", "profile": "/p/loss.json", "criterion": "loss"}]
+    assert additional_config(profiled[0])["kv_profile"] == "/p/loss.json"
+    assert config_name(profiled[0]) == "prefixkv (loss profile)/snapkv@0.2"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+
+    return AutoTokenizer.from_pretrained(str(demo_model_path()))
+
+
+def test_prompt_set_spreads_needles_and_has_long_outputs(tokenizer):
+    from prompts import _LONG_INSTRUCTIONS, NEEDLE_KINDS, build_prompts
+
+    prompts = build_prompts(tokenizer, 48, 300, 600)
+    assert len(prompts) == 48
+    kinds = {p.kind for p in prompts}
+    assert {"summary", "qa", "long"} <= kinds
+    depths = sorted(p.depth for p in prompts if p.kind in NEEDLE_KINDS)
+    assert len(depths) >= 16 and depths[0] == pytest.approx(0.1) and depths[-1] == pytest.approx(0.9)
+    steps = [b - a for a, b in zip(depths, depths[1:])]
+    assert max(steps) == pytest.approx(min(steps))  # evenly spread, not clustered
+    for kind in NEEDLE_KINDS:  # each needle kind covers shallow and deep needles
+        own = [p.depth for p in prompts if p.kind == kind]
+        assert min(own) < 0.2 and max(own) > 0.8
+    long = tokenizer.decode(next(p for p in prompts if p.kind == "long").prompt_token_ids)
+    assert any(instruction in long for instruction in _LONG_INSTRUCTIONS)
