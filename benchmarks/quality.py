@@ -504,7 +504,7 @@ def main(argv=None) -> int:
             "",
             f"- Command: `{command_line}`",
             f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
-            f"{vllm_version()}, fp32, eager, block size 32, prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
+            f"{vllm_version()}, fp32, eager, block size 32, prefix caching {'on only for rows marked +prefix caching' if args.prefix_caching else 'off'}, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
             f"- Model: `{model.name}` (`prefixkv demo-model --name {args.model}`), max_model_len {args.max_model_len}",
             f"- Prompts: {len(prompts)} built offline by `benchmarks/prompts.py` (seed {args.seed}): "
