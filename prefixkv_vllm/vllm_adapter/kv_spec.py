@@ -23,6 +23,9 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from ..policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, request_keep_ratio, shared_prefix_blocks
 from .request_options import SCHEDULER_BUDGETS
 
+# The fields PrefixKV adds; layers that differ in any of them need their own KV-cache group.
+_PREFIXKV_FIELDS = ("keep_ratio", "sink", "recent", "budget", "decode", "interval", "prefix_caching")
+
 
 @dataclass(frozen=True, kw_only=True)
 class PrefixKVAttentionSpec(FullAttentionSpec):
@@ -36,7 +39,7 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
 
     @property
     def prefixkv_settings(self) -> tuple:
-        return (self.keep_ratio, self.sink, self.recent, self.budget, self.decode, self.interval, self.prefix_caching)
+        return tuple(getattr(self, name) for name in _PREFIXKV_FIELDS)
 
     @property
     def layout(self) -> PagedLayout:
@@ -52,6 +55,10 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         """Kept prompt blocks, at the server's budget or at a request's own."""
         return kept_prompt_blocks(prompt_len, self.request_ratio(request_budget), self.block_size, self.sink, self.recent)
 
+    def shared_blocks(self, prompt_len: int, request_budget: float | None = None) -> int | None:
+        """The request's write-once prefix in blocks (``policy.paged.shared_prefix_blocks``), at the server's budget or its own."""
+        return shared_prefix_blocks(prompt_len, self.budget if request_budget is None else request_budget, self.layout)
+
     @classmethod
     def merge(cls, specs: list["PrefixKVAttentionSpec"]) -> "PrefixKVAttentionSpec":
         # FullAttentionSpec.merge rebuilds the spec from its own fields only.
@@ -62,18 +69,7 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         if len(settings) != 1:
             # vLLM's grouping probes merge() and reads an AssertionError as "not uniform".
             raise AssertionError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
-        keep_ratio, sink, recent, budget, decode, interval, prefix_caching = settings.pop()
-        merged = super().merge(specs)
-        return dataclasses.replace(
-            merged,
-            keep_ratio=keep_ratio,
-            sink=sink,
-            recent=recent,
-            budget=budget,
-            decode=decode,
-            interval=interval,
-            prefix_caching=prefix_caching,
-        )
+        return dataclasses.replace(super().merge(specs), **dict(zip(_PREFIXKV_FIELDS, settings.pop())))
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         # The default isinstance check would fold every tier back into one group.
@@ -102,6 +98,5 @@ class PrefixKVAttentionManager(FullAttentionManager):
 
 def shared_prefix_tokens(spec: PrefixKVAttentionSpec, request) -> int | None:
     """Tokens of ``request`` that may be hashed or reused from the prefix cache; ``None``: all."""
-    budget = SCHEDULER_BUDGETS.get(request.request_id)
-    blocks = shared_prefix_blocks(request.num_prompt_tokens, spec.budget if budget is None else budget, spec.layout)
+    blocks = spec.shared_blocks(request.num_prompt_tokens, SCHEDULER_BUDGETS.get(request.request_id))
     return None if blocks is None else blocks * spec.block_size

@@ -31,7 +31,7 @@ import torch
 
 from ... import ops
 from ...policy import KVPolicy, Protection, select_tokens
-from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, shared_prefix_blocks
+from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks
 from ..config import PrefixKVConfig
 from ..kv_spec import PrefixKVAttentionSpec
 from ..worker_state import STORE, BatchInfo, current_batch, policy_for
@@ -225,13 +225,10 @@ def plan_step(
 
 def _write_start(spec: PrefixKVAttentionSpec, batch: BatchInfo, row: int, prompt_len: int, start: int, end: int) -> int:
     """First block a moving run may write: past the request's write-once prefix, inside ``[start, end]``."""
-    layout = spec.layout
-    if not layout.prefix_caching:
+    if not spec.prefix_caching:
         return start
-    budget = spec.budget
-    if batch.request_budgets is not None and not np.isnan(batch.request_budgets[row]):
-        budget = float(batch.request_budgets[row])
-    shared = shared_prefix_blocks(prompt_len, budget, layout)
+    budget = None if batch.request_budgets is None else float(batch.request_budgets[row])
+    shared = spec.shared_blocks(prompt_len, None if budget is None or np.isnan(budget) else budget)
     return end if shared is None else min(max(start, shared), end)
 
 
