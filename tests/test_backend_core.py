@@ -18,6 +18,13 @@ from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E4
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 16
 
 
+@pytest.fixture(autouse=True)
+def _forget_request_state():
+    # The store is process-wide: a request these tests compacted must not reach other modules' tests.
+    yield
+    STORE.drop(["r"])
+
+
 def spec(ratio, sink=1, recent=1, budget=None, decode="off", interval=16):
     return PrefixKVAttentionSpec(
         block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=sink, recent=recent,

@@ -141,6 +141,7 @@ def simulate(
         # Freed blocks go to other requests: poison them.
         values[: live_blocks(prompt_len, computed, layer_ratio, spec.layout)[0]] = -1.0
         history.append(tags)
+    STORE.drop(["r"])  # the request is done: leave no state to later tests
     return history
 
 
