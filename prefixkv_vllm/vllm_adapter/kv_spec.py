@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from ..policy.paged import PagedLayout, kept_prompt_blocks, live_blocks, request_keep_ratio, shared_prefix_blocks
+from ..policy.paged import PagedLayout, live_blocks, request_keep_ratio, shared_prefix_blocks
 from .request_options import SCHEDULER_BUDGETS
 
 # The fields PrefixKV adds; layers that differ in any of them need their own KV-cache group.
@@ -50,10 +50,6 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         if request_budget is None:
             return self.keep_ratio
         return request_keep_ratio(self.keep_ratio, self.budget, request_budget)
-
-    def kept_blocks(self, prompt_len: int, request_budget: float | None = None) -> int:
-        """Kept prompt blocks, at the server's budget or at a request's own."""
-        return kept_prompt_blocks(prompt_len, self.request_ratio(request_budget), self.block_size, self.sink, self.recent)
 
     def shared_blocks(self, prompt_len: int, request_budget: float | None = None) -> int | None:
         """The request's write-once prefix in blocks (``policy.paged.shared_prefix_blocks``), at the server's budget or its own."""
