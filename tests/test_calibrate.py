@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -42,18 +43,21 @@ def test_evicting_matches_a_cache_without_those_tokens(tiny_llama):
     model = one_layer(tiny_llama)
     prompt = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(1))
     continuation = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
-    evicted = torch.zeros(40, dtype=torch.bool)
-    evicted[[3, 7, 8, 20, 33]] = True
+    evicted = torch.zeros(2, 40, dtype=torch.bool)  # a batch of two selections, as layer_costs runs its ratios
+    evicted[0, [3, 7, 8, 20, 33]] = True
+    evicted[1, [0, 1, 2, 30]] = True
     cache = model(prompt, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(2)
     with cal._evicting(cal._attention_modules(model, 1)[0], evicted, 40):
-        hooked = cal._continuation_log_probs(model, continuation, cache)
-    kept = (~evicted).nonzero().squeeze(1)
-    positions = torch.cat([kept, torch.arange(40, 46)])[None]
-    direct = model(torch.cat([prompt[:, kept], continuation], dim=1), position_ids=positions).logits[0, -6:]
-    torch.testing.assert_close(hooked, torch.log_softmax(direct, dim=-1), rtol=1e-4, atol=1e-5)
+        hooked = cal._continuation_log_probs(model, continuation.expand(2, -1), cache)
+    for row in range(2):
+        kept = (~evicted[row]).nonzero().squeeze(1)
+        positions = torch.cat([kept, torch.arange(40, 46)])[None]
+        direct = model(torch.cat([prompt[:, kept], continuation], dim=1), position_ids=positions).logits[0, -6:]
+        torch.testing.assert_close(hooked[row], torch.log_softmax(direct, dim=-1), rtol=1e-4, atol=1e-5)
     assert cache.get_seq_length() == 40  # the measurement leaves the prompt's cache as it found it
-    unhooked = cal._continuation_log_probs(model, continuation, cache)
-    assert not torch.allclose(hooked, unhooked, atol=1e-3)  # the eviction changed something
+    unhooked = cal._continuation_log_probs(model, continuation.expand(2, -1), cache)
+    assert not torch.allclose(hooked[0], unhooked[0], atol=1e-3)  # the eviction changed something
 
 
 def test_layer_costs_are_zero_when_everything_is_kept(tiny_llama):
@@ -157,7 +161,8 @@ def tiny_checkpoint(tmp_path_factory, tokenizer):
 def test_cli_writes_the_profile_table_and_plot(tiny_checkpoint, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     attention = tmp_path / "attention.json"
-    assert cal.main([str(tiny_checkpoint), "--budget", "0.2", "--prompts", "1", "--max-tokens", "128", "-o", str(attention)]) == 0
+    argv = [str(tiny_checkpoint), "--criterion", "attention", "--budget", "0.2", "--prompts", "1", "--max-tokens", "128", "-o", str(attention)]
+    assert cal.main(argv) == 0
     output, plot = tmp_path / "loss.json", tmp_path / "loss.png"
     argv = [str(tiny_checkpoint), "--criterion", "loss", "--mix", "needles", "chat", "--budget", "0.2", "0.5", "--prompts", "2",
             "--max-tokens", "128", "--recent", "8", "--positions", "4", "-o", str(output), "--plot", str(plot), "--compare", str(attention)]  # fmt: skip
@@ -168,4 +173,46 @@ def test_cli_writes_the_profile_table_and_plot(tiny_checkpoint, tmp_path, capsys
     assert Profile.load(attention).provenance["criterion"] == "attention"
     table = capsys.readouterr().out
     assert "loss @0.2" in table and "KL @0.05" in table and table.count("\n") >= 4
+    # Without flags it calibrates as a server without --kv-profile would: loss, every task, snapkv.
+    default = tmp_path / "default.json"
+    assert cal.main([str(tiny_checkpoint), "--prompts", "1", "--max-tokens", "128", "--positions", "2", "-o", str(default)]) == 0
+    provenance = Profile.load(default).provenance
+    assert (provenance["criterion"], provenance["tasks"], Profile.load(default).scorer) == ("loss", list(cal.TASKS), "snapkv")
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_loss_profile_serves_any_budget_from_its_costs():
+    loss = profile()
+    at_03 = cal.with_budget(loss, 0.3)
+    assert at_03.entries[0.2] == loss.entries[0.2]  # measured entries stay
+    expected = cal.allocate_by_cost([0.1, 0.5], torch.tensor(loss.provenance["kl_per_layer"]), 0.3)
+    assert at_03.keep_ratios(0.3) == expected and abs(sum(expected) / 3 - 0.3) < 1e-9
+    with pytest.raises(ValueError, match="measures keep ratios from 0.1; budget 0.05 is below"):
+        cal.with_budget(loss, 0.05)
+    attention = Profile(loss.model, "window", {0.2: (0.1, 0.2, 0.3)}, {"criterion": "attention"})
+    assert cal.with_budget(attention, 0.3) is attention  # its keep_ratios(0.3) then says what it has
+
+
+def test_start_up_calibrates_a_loss_profile_once_for_every_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFIXKV_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_calibrate(model_path, budgets, **settings):
+        calls.append((budgets, settings["criterion"], settings["scorer"]))
+        costs = [[0.5, 0.3, 0.2, 0.1, 0.05], [0.1, 0.05, 0.02, 0.01, 0.0], [0.9, 0.6, 0.4, 0.2, 0.1]]
+        entries = {b: cal.allocate_by_cost(cal.LOSS_RATIOS, torch.tensor(costs), b) for b in budgets}
+        provenance = {"criterion": settings["criterion"], "loss_ratios": list(cal.LOSS_RATIOS), "kl_per_layer": costs}
+        return Profile(ModelIdentity("m", 3, 1, 4), settings["scorer"], entries, provenance)
+
+    monkeypatch.setattr(cal, "calibrate", fake_calibrate)
+    first = cal.cached_calibration(str(tmp_path / "m"), 0.2)
+    second = cal.cached_calibration(str(tmp_path / "m"), 0.5)
+    assert calls == [([0.2], "loss", "snapkv")]  # the second budget came from the cached costs
+    assert abs(sum(first.keep_ratios(0.2)) / 3 - 0.2) < 1e-9 and abs(sum(second.keep_ratios(0.5)) / 3 - 0.5) < 1e-9
+    with pytest.raises(ValueError, match="below"):
+        cal.cached_calibration(str(tmp_path / "m"), 0.02)
+    attention = dataclasses.replace(cal.SERVING, criterion="attention")
+    monkeypatch.setattr(cal, "calibrate", lambda model_path, budgets, **settings: calls.append(budgets) or first)
+    cal.cached_calibration(str(tmp_path / "m"), 0.2, attention)
+    cal.cached_calibration(str(tmp_path / "m"), 0.5, attention)
+    assert calls[1:] == [[0.2], [0.5]]  # attention ratios depend on the budget: one calibration each

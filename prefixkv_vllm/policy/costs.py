@@ -14,6 +14,11 @@ from typing import Sequence
 
 import torch
 
+# How calibration shares a budget across layers: ``loss`` (this module, measured on the
+# model's output) or ``attention`` (the paper's rule: every layer keeps the same share
+# of its own attention mass, ``curves.search_prefix_config``).
+CRITERIA = ("loss", "attention")
+
 
 def lower_convex_hull(xs: Sequence[float], ys: Sequence[float]) -> list[tuple[float, float]]:
     """The lower convex hull of points with increasing ``xs``, from the first point to the last."""

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..policy import POLICY_NAMES, SCORERS
+from ..policy import CRITERIA, POLICY_NAMES, SCORERS
 from ..policy.paged import DECODE_MODES
 
 ADMISSION_MODES = ("reserve", "stock")
@@ -26,7 +26,13 @@ class PrefixKVConfigError(ValueError):
 class PrefixKVConfig:
     policy: str = "none"
     budget: float = 0.2
-    scorer: str = "window"
+    # Measured (benchmarks/results/quality-allocation.md): SnapKV's pooled window score
+    # beat the plain window score for uniform at budgets 0.2 and 0.5, and with the loss
+    # criterion (how much compressing each layer changes the model's next-token
+    # distributions, calibrated on documents, needles and chat) prefixkv beat uniform's
+    # best scorer beyond noise; the paper's attention-mass rule did not.
+    scorer: str = "snapkv"
+    criterion: str = "loss"  # how calibration shares the budget across layers (policy.costs)
     window: int = 32
     sink: int = 1
     # Measured (benchmarks/results/quality-recent64.md): keeping the last 64 prompt
@@ -56,6 +62,8 @@ class PrefixKVConfig:
             raise PrefixKVConfigError(f"--kv-budget must be in (0, 1], got {self.budget!r}")
         if self.scorer not in SCORERS:
             raise PrefixKVConfigError(f"unknown --kv-scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        if self.criterion not in CRITERIA:
+            raise PrefixKVConfigError(f"unknown --kv-criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.admission not in ADMISSION_MODES:
             raise PrefixKVConfigError(f"unknown --kv-admission {self.admission!r}; choose one of {', '.join(ADMISSION_MODES)}")
         if self.decode not in DECODE_MODES:

@@ -126,15 +126,16 @@ def _budget(text: str) -> float:
 
 
 def _add_flags(parser):
-    from ..policy import POLICY_NAMES, SCORERS
+    from ..policy import CRITERIA, POLICY_NAMES, SCORERS
     from ..policy.paged import DECODE_MODES
 
     group = parser.add_argument_group("PrefixKV", "Per-layer KV-cache budgets after prefill (prefixkv-vllm)")
     group.add_argument("--kv-policy", choices=POLICY_NAMES, default=argparse.SUPPRESS, help="KV eviction policy (default: none, stock vLLM)")
     group.add_argument("--kv-budget", type=_budget, default=argparse.SUPPRESS, help="mean fraction of prompt KV kept across layers, in (0, 1] (default 0.2)")
     group.add_argument("--kv-profile", default=argparse.SUPPRESS, help="JSON profile of per-layer keep ratios (prefixkv); without one, ratios are calibrated at start-up and cached")
-    group.add_argument("--kv-scorer", choices=list(SCORERS), default=argparse.SUPPRESS, help="token importance score (default: window)")
-    group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS, help="queries the window scorer reads (default 32)")
+    group.add_argument("--kv-scorer", choices=list(SCORERS), default=argparse.SUPPRESS, help="token importance score (default: snapkv)")
+    group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS, help="last prompt queries the window and snapkv scorers read (default 32)")
+    group.add_argument("--kv-criterion", choices=CRITERIA, default=argparse.SUPPRESS, help="prefixkv without --kv-profile: how start-up calibration shares the budget across layers; loss (default): where compressing changes the output least; attention: the paper's equal share of attention mass")
     group.add_argument("--kv-sink", type=int, default=argparse.SUPPRESS, help="first prompt tokens always kept (default 1)")
     group.add_argument("--kv-recent", type=int, default=argparse.SUPPRESS, help="most recent tokens always kept: the end of the prompt, and of the output at each decode round (default 64)")
     group.add_argument("--kv-per-kv-head", action="store_true", default=argparse.SUPPRESS, help="select tokens per KV head instead of per layer")
@@ -145,7 +146,7 @@ def _add_flags(parser):
     return parser
 
 
-_FLAGS = ("kv_policy", "kv_budget", "kv_profile", "kv_scorer", "kv_window", "kv_sink", "kv_recent", "kv_per_kv_head", "kv_tiers", "kv_decode", "kv_decode_interval", "kv_admission")
+_FLAGS = ("kv_policy", "kv_budget", "kv_profile", "kv_scorer", "kv_window", "kv_criterion", "kv_sink", "kv_recent", "kv_per_kv_head", "kv_tiers", "kv_decode", "kv_decode_interval", "kv_admission")
 
 
 def _add_cli_flags() -> None:

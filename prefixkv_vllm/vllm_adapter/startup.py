@@ -140,7 +140,10 @@ def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]) -
         return (config.budget,) * len(layers)  # a full budget keeps every layer whole: nothing to calibrate
     from ..tools.calibrate import cached_calibration
 
-    profile = cached_calibration(model_config.model, config.budget, config.scorer, config.window)
+    try:
+        profile = cached_calibration(model_config.model, config.budget, config)
+    except ValueError as exc:  # a budget the loss criterion has not measured
+        raise PrefixKVConfigError(f"--kv-criterion {config.criterion}: {exc}") from None
     profile.check_model(layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
     return profile.keep_ratios(config.budget)
 
@@ -158,12 +161,19 @@ def _log_plan(config: PrefixKVConfig, block_size: int, num_layers: int) -> None:
             f"the {len(config.layers)} full-attention layers {' '.join(map(str, config.layers))} of {num_layers} "
             f"(the other {others} keep vLLM's own KV cache)"
         )
+    if config.profile is not None:
+        allocation = f"profile {config.profile}"
+    elif config.policy == "prefixkv" and config.budget < 1.0:
+        allocation = f"calibrated ({config.criterion} criterion)"
+    else:
+        allocation = "uniform"
     logger.info(
-        "PrefixKV: policy=%s budget=%g scorer=%s decode=%s (every %d tokens); compressed: %s; "
+        "PrefixKV: policy=%s budget=%g scorer=%s allocation=%s decode=%s (every %d tokens); compressed: %s; "
         "keep ratios per layer: %s; a %d-token prompt frees %.0f%% of their KV cache after prefill (block size %d)",
         config.policy,
         config.budget,
         config.scorer,
+        allocation,
         config.decode,
         config.decode_interval,
         compressed,
