@@ -222,10 +222,11 @@ def config_name(config: dict) -> str:
     return f"{config['policy']}@{config['budget']:g} decode {config['decode']}"
 
 
-def config_args(config: dict, scorer: str) -> list[str]:
+def config_args(config: dict, scorer: str | None) -> list[str]:
     if config["policy"] == "none":
         return []
-    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-scorer", scorer, "--kv-decode", config["decode"]]
+    scorer_args = [] if scorer is None else ["--kv-scorer", scorer]
+    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), *scorer_args, "--kv-decode", config["decode"]]
 
 
 def summarize_decode(load: dict, prompts: list[list[int]], ratios, layout_info: dict, pool_pages: int, mode: str) -> dict:
@@ -390,7 +391,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5], help="budgets for part 1")
     parser.add_argument("--policies", nargs="+", default=["uniform", "prefixkv"], choices=["uniform", "prefixkv", "streaming"])
-    parser.add_argument("--scorer", default="window", help="--kv-scorer for every plugin configuration")
+    parser.add_argument("--scorer", help="--kv-scorer for every plugin configuration (default: the server's)")
     parser.add_argument("--concurrent", type=int, default=4, help="part 1: requests at once")
     parser.add_argument("--prompt-tokens", type=int, default=2000, help="part 1: tokens per prompt")
     parser.add_argument("--decode-tokens", type=int, default=512, help="part 1: tokens decoded per request")
@@ -495,8 +496,8 @@ def main(argv=None) -> int:
             f"prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} (the same pool in bytes for every configuration), "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
             f"- Model: {describe_model(layout_info)}",
-            f"- Plugin: `--kv-scorer {args.scorer}`, sink 1, recent 64, decode rounds every 128 tokens; `prefixkv` ratios "
-            "calibrated at start-up (cached)",
+            f"- Plugin: {f'`--kv-scorer {args.scorer}`' if args.scorer else 'the default scorer'}, sink 1, recent 64, "
+            "decode rounds every 128 tokens; `prefixkv` ratios calibrated at start-up (cached)",
             f"- Part 1: {args.concurrent} prompts of {min(map(len, decode_prompts))}-{max(map(len, decode_prompts))} tokens "
             f"sent at once, {args.decode_tokens} tokens decoded each (`ignore_eos`), `/metrics` polled every {args.poll} s",
             f"- Part 2: {args.pressure_requests} prompts of {min(map(len, pressure_prompts))}-{max(map(len, pressure_prompts))} tokens "

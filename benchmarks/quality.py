@@ -45,12 +45,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from prefixkv_vllm.policy import CRITERIA  # noqa: E402
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 from prefixkv_vllm.tools.server import stop_process_group, vllm_version  # noqa: E402
+from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig  # noqa: E402
 
 SCORERS = ("raw", "mean", "window", "snapkv")
 BOOTSTRAP_SAMPLES = 10_000
-DEFAULT_SCORER = "window"  # the server's default --kv-scorer
+DEFAULT_SCORER = PrefixKVConfig.scorer  # the server's default --kv-scorer
 POLICIES = ("uniform", "prefixkv", "streaming")
 
 
@@ -99,26 +101,37 @@ def config_name(config: dict) -> str:
 
 
 def policy_label(config: dict) -> str:
-    """The policy, with the calibration criterion of its profile where it has one."""
-    label = f"{config['policy']} ({config['criterion']} profile)" if "profile" in config else config["policy"]
+    """The policy, with the calibration criterion of its profile, or the one it was given, where it has one."""
+    if "profile" in config:
+        label = f"{config['policy']} ({config['criterion']} profile)"
+    elif "criterion" in config:
+        label = f"{config['policy']} ({config['criterion']} criterion)"
+    else:
+        label = config["policy"]
     return f"{label} +prefix caching" if config.get("prefix_caching") else label
 
 
-def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=()) -> list[dict]:
-    """``profiles``: ``(path, scorer, criterion, budgets)`` per profile; it runs at the budgets it has."""
+def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=(), criteria=()) -> list[dict]:
+    """``profiles``: ``(path, scorer, criterion, budgets)`` per profile; it runs at the budgets it has.
+
+    ``criteria``: start-up calibration criteria for ``prefixkv`` (``--kv-criterion``); none: the server's default.
+    """
     configs = [{"policy": "none"}]
     for budget in budgets:
         for policy in policies:
             for scorer in ["recency"] if policy == "streaming" else scorers:
-                for decode in decode_modes:
-                    config = {"policy": policy, "budget": budget}
-                    if recent != 1:
-                        config["recent"] = recent
-                    if policy != "streaming":
-                        config["scorer"] = scorer
-                    if len(decode_modes) > 1 or decode != "fifo":
-                        config["decode"] = decode
-                    configs.append(config)
+                for criterion in (criteria or [None]) if policy == "prefixkv" else [None]:
+                    for decode in decode_modes:
+                        config = {"policy": policy, "budget": budget}
+                        if recent != 1:  # results saved before kv_recent was a setting ran at 1 and have no key
+                            config["recent"] = recent
+                        if policy != "streaming":
+                            config["scorer"] = scorer
+                        if criterion is not None:
+                            config["criterion"] = criterion
+                        if len(decode_modes) > 1 or decode != "fifo":
+                            config["decode"] = decode
+                        configs.append(config)
         for path, scorer, criterion, profile_budgets in profiles:
             if not any(math.isclose(budget, b) for b in profile_budgets):
                 continue
@@ -142,6 +155,8 @@ def additional_config(config: dict) -> dict:
         extra["kv_scorer"] = config["scorer"]
     if "profile" in config:
         extra["kv_profile"] = config["profile"]
+    elif "criterion" in config:
+        extra["kv_criterion"] = config["criterion"]
     return extra
 
 
@@ -418,8 +433,9 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     parser.add_argument("--scorers", nargs="+", default=list(SCORERS), choices=SCORERS)
     parser.add_argument("--profiles", nargs="+", type=Path, default=[], metavar="PROFILE", help="also run prefixkv with each profile (`prefixkv calibrate`), with its scorer, at the budgets it has")
+    parser.add_argument("--criteria", nargs="+", default=[], choices=CRITERIA, help="run prefixkv with each start-up calibration criterion (--kv-criterion; default: the server's)")
     parser.add_argument("--seed", type=int, default=0, help="prompt builder seed")
-    parser.add_argument("--recent", type=int, default=1, help="kv_recent: last prompt tokens always kept (the paper: 1)")
+    parser.add_argument("--recent", type=int, default=PrefixKVConfig.recent, help=f"kv_recent: last prompt tokens always kept (default: the server's, {PrefixKVConfig.recent}; the paper: 1)")
     parser.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
@@ -473,7 +489,7 @@ def main(argv=None) -> int:
     for path in args.profiles:
         profile = Profile.load(path)
         profiles.append((path.resolve(), profile.scorer, profile.provenance.get("criterion", "attention"), tuple(profile.entries)))
-    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles)
+    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles, args.criteria)
     if args.prefix_caching:
         configs += [dict(c, prefix_caching=True) for c in configs if c["policy"] != "none"]
     for config in configs:
@@ -512,8 +528,9 @@ def main(argv=None) -> int:
             + f"; {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), chat template included",
             f"- Decoding: greedy (temperature 0), {args.max_new_tokens} new tokens max, all prompts in one `llm.generate` call per configuration",
             f"- Plugin settings: `kv_sink` 1, `kv_recent` {args.recent}, `kv_window` 32, per-layer selection; "
-            "`prefixkv` without a profile (ratios calibrated at start-up with the same scorer, cached); "
-            "`prefixkv (C profile)`: ratios from a `prefixkv calibrate --criterion C` profile (`--kv-profile`)",
+            "`prefixkv` without a profile: ratios calibrated at start-up with the same scorer and sink/recent, "
+            f"cached, with the server's default criterion ({PrefixKVConfig.criterion}), or `prefixkv (C criterion)` with "
+            "`--kv-criterion C`; `prefixkv (C profile)`: ratios from a `prefixkv calibrate --criterion C` profile (`--kv-profile`)",
             "- ROUGE-L: `rouge-score`'s rougeL F1 against the full-cache answer to the same prompt; s.e. = standard error over prompts. "
             "Needle accuracy: the answer contains the pass key / badge number.",
             "- *generate s*: wall time of the `llm.generate` call (prefill dominates on CPU). *Other jobs' CPU share*: CPU time "

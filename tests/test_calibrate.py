@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
 import pytest
 import torch
 
-from prefixkv_vllm.policy import Profile, Protection, WindowScorer
+from prefixkv_vllm.policy import Profile, ProfileError, Protection, WindowScorer
 from prefixkv_vllm.policy.profile import ModelIdentity
 from prefixkv_vllm.tools import calibrate as cal
 
@@ -58,6 +59,20 @@ def test_evicting_matches_a_cache_without_those_tokens(tiny_llama):
     assert cache.get_seq_length() == 40  # the measurement leaves the prompt's cache as it found it
     unhooked = cal._continuation_log_probs(model, continuation.expand(2, -1), cache)
     assert not torch.allclose(hooked[0], unhooked[0], atol=1e-3)  # the eviction changed something
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_costs_on_cuda_match_the_cpu(request):
+    # `prefixkv calibrate --device cuda`: the same measurement, on the GPU.
+    pytest.importorskip("transformers")  # the device machines may lack it
+    tiny_llama = request.getfixturevalue("tiny_llama")
+    prompt = torch.randint(0, 64, (60,), generator=torch.Generator().manual_seed(5)).tolist()
+    args = ((0, 1), WindowScorer(window=8), Protection(sink=1, recent=8), (0.1, 0.5))
+    on_cpu = cal.layer_costs(tiny_llama, prompt, *args, positions=6)
+    on_cuda = cal.layer_costs(copy.deepcopy(tiny_llama).cuda(), prompt, *args, positions=6)
+    assert on_cuda.device.type == "cpu"
+    torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-3, atol=1e-6)
 
 
 def test_layer_costs_are_zero_when_everything_is_kept(tiny_llama):
@@ -183,14 +198,14 @@ def test_cli_writes_the_profile_table_and_plot(tiny_checkpoint, tmp_path, capsys
 
 def test_a_loss_profile_serves_any_budget_from_its_costs():
     loss = profile()
-    at_03 = cal.with_budget(loss, 0.3)
-    assert at_03.entries[0.2] == loss.entries[0.2]  # measured entries stay
+    assert loss.keep_ratios(0.2) == (0.05, 0.15, 0.4)  # measured entries stay
     expected = cal.allocate_by_cost([0.1, 0.5], torch.tensor(loss.provenance["kl_per_layer"]), 0.3)
-    assert at_03.keep_ratios(0.3) == expected and abs(sum(expected) / 3 - 0.3) < 1e-9
-    with pytest.raises(ValueError, match="measures keep ratios from 0.1; budget 0.05 is below"):
-        cal.with_budget(loss, 0.05)
+    assert loss.keep_ratios(0.3) == expected and abs(sum(expected) / 3 - 0.3) < 1e-9
+    with pytest.raises(ProfileError, match="cannot allocate budget 0.05: budget 0.05 is outside"):
+        loss.keep_ratios(0.05)
     attention = Profile(loss.model, "window", {0.2: (0.1, 0.2, 0.3)}, {"criterion": "attention"})
-    assert cal.with_budget(attention, 0.3) is attention  # its keep_ratios(0.3) then says what it has
+    with pytest.raises(ProfileError, match=r"no entry for budget 0.3 \(it has: 0.2\)"):
+        attention.keep_ratios(0.3)
 
 
 def test_start_up_calibrates_a_loss_profile_once_for_every_budget(tmp_path, monkeypatch):

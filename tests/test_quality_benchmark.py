@@ -52,13 +52,14 @@ def test_comparisons_pair_each_configuration_with_its_uniform_baseline():
         {"policy": "streaming", "budget": 0.2, "name": "streaming", "rouge_per_prompt": [0.5, 0.4, 0.3], "needle_per_prompt": [0, 1]},
     ]
     compared = comparisons(rows)
-    # prefixkv/window is also compared with uniform's best scorer (snapkv, by mean ROUGE-L).
+    # prefixkv/window is also compared with uniform's best scorer (snapkv, by mean ROUGE-L);
+    # other uniform rows and streaming with uniform at the server's default scorer (snapkv).
     assert [(c["name"], c["baseline"]) for c in compared] == [
-        ("uniform/snapkv@0.2", "uniform/window@0.2"),
+        ("uniform/window@0.2", "uniform/snapkv@0.2"),
         ("prefixkv/snapkv@0.2", "uniform/snapkv@0.2"),
         ("prefixkv/window@0.2", "uniform/window@0.2"),
         ("prefixkv/window@0.2", "uniform/snapkv@0.2"),
-        ("streaming", "uniform/window@0.2"),
+        ("streaming", "uniform/snapkv@0.2"),
     ]
     assert compared[1]["rouge"][0] == pytest.approx(0.1 / 3)
     assert compared[2]["needle"] == (-0.5, -1.0, 0.0)
@@ -72,6 +73,18 @@ def test_profiles_run_at_their_budgets():
     assert profiled == [{"policy": "prefixkv", "budget": 0.2, "scorer": "snapkv", "profile": "/p/loss.json", "criterion": "loss"}]
     assert additional_config(profiled[0])["kv_profile"] == "/p/loss.json"
     assert config_name(profiled[0]) == "prefixkv (loss profile)/snapkv@0.2"
+
+
+def test_criteria_pick_the_start_up_calibration():
+    from quality import additional_config, config_name, configurations
+
+    configs = configurations([0.2], ["uniform", "prefixkv"], ["snapkv"], criteria=["attention", "loss"])
+    assert [config_name(c) for c in configs[1:]] == [
+        "uniform/snapkv@0.2", "prefixkv (attention criterion)/snapkv@0.2", "prefixkv (loss criterion)/snapkv@0.2",
+    ]  # fmt: skip
+    assert additional_config(configs[2])["kv_criterion"] == "attention" and "kv_criterion" not in additional_config(configs[1])
+    # Without criteria, prefixkv runs the server's default and its configuration says nothing of one.
+    assert "criterion" not in configurations([0.2], ["prefixkv"], ["snapkv"])[1]
 
 
 @pytest.fixture(scope="module")

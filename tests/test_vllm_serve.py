@@ -291,6 +291,7 @@ def test_aborted_stream_frees_its_blocks(compressed):
         (("--kv-policy", "prefixkv", "--kv-budget", "1.5"), "argument --kv-budget: must be in (0, 1]"),
         (("--kv-policy", "prefixkv", "--kv-profile", "/nonexistent/profile.json"), "prefixkv: error: --kv-profile /nonexistent/profile.json: cannot read profile"),
         (("--kv-policy", "prefixkv", "--kv-tiers", "7"), "prefixkv: error: --kv-tiers 7 must divide the model's 30 layers evenly"),
+        (("--kv-policy", "prefixkv", "--kv-budget", "0.02"), "prefixkv: error: --kv-criterion loss: the loss criterion measures keep ratios from 0.05; budget 0.02 is below"),
         (("--kv-policy", "uniform", "--kv-cache-dtype", "fp8"), "prefixkv: error: PrefixKV does not support quantized KV caches (--kv-cache-dtype fp8)"),
         (("--kv-policy", "uniform", "--attention-backend", "FLASH_ATTN"), "prefixkv: error: PrefixKV runs its own attention backend (CUSTOM, wrapping the stock one); drop --attention-backend FLASH_ATTN"),
         (("--kv-policy", "uniform", "--kv-transfer-config", '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}'), "prefixkv: error: PrefixKV does not support KV connectors (--kv-transfer-config)"),

@@ -68,9 +68,23 @@ class Profile:
             _check_entry(budget, ratios, self.model.num_layers)
 
     def keep_ratios(self, budget: float) -> tuple[float, ...]:
+        """The entry for ``budget``; a loss profile (``prefixkv calibrate --criterion loss``) serves any other
+        budget from its measured per-layer costs, as calibration allocated its own entries."""
         for entry_budget, ratios in self.entries.items():
             if math.isclose(entry_budget, budget, abs_tol=1e-9):
                 return ratios
+        if "kl_per_layer" in self.provenance:
+            import torch
+
+            from .costs import allocate_by_cost
+
+            try:
+                costs = torch.tensor(self.provenance["kl_per_layer"], dtype=torch.float64)
+                if costs.shape[0] != self.model.num_layers:
+                    raise ValueError(f"its costs cover {costs.shape[0]} layers, not {self.model.num_layers}")
+                return allocate_by_cost(self.provenance["loss_ratios"], costs, budget)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ProfileError(f"loss profile cannot allocate budget {budget:g}: {exc}") from None
         available = ", ".join(f"{b:g}" for b in sorted(self.entries))
         raise ProfileError(f"profile has no entry for budget {budget:g} (it has: {available})")
 

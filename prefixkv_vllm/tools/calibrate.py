@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import inspect
 import json
@@ -152,7 +151,7 @@ def calibration_prompts(tokenizer, num_prompts: int, max_tokens: int, tasks: Seq
 @torch.no_grad()
 def layer_attention(model, input_ids: list[int], min_query_pos: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
     """Per layer in ``layers``, the attention each token receives from queries at ``>= min_query_pos``: ``[Hkv, S]``."""
-    outputs = model(torch.tensor([input_ids]), output_attentions=True, use_cache=False)
+    outputs = model(torch.tensor([input_ids], device=model.device), output_attentions=True, use_cache=False)
     return _accumulated(model, outputs.attentions, min_query_pos, layers)
 
 
@@ -161,7 +160,7 @@ def _accumulated(model, attentions, min_query_pos: int, layers: tuple[int, ...])
     accumulated = []
     for layer in layers:
         probs = attentions[layer]  # [1, Hq, S, S], softmax of the layer's own scaled logits
-        received = probs[0, :, min_query_pos:, :].float().sum(dim=1)  # [Hq, S]
+        received = probs[0, :, min_query_pos:, :].float().sum(dim=1).cpu()  # [Hq, S]; scorers run on the CPU
         accumulated.append(received.view(num_kv_heads, -1, received.shape[-1]).mean(dim=1))
     return accumulated
 
@@ -229,7 +228,7 @@ def layer_costs(
 ) -> torch.Tensor:
     """``[len(layers), len(ratios)]``: mean KL(full cache || only that layer compressed) over ``positions`` decoded tokens."""
     prompt_len = len(input_ids)
-    outputs = model(torch.tensor([input_ids]), output_attentions=True, use_cache=True)
+    outputs = model(torch.tensor([input_ids], device=model.device), output_attentions=True, use_cache=True)
     accumulated = _accumulated(model, outputs.attentions, token_scorer.min_query_pos(prompt_len), layers)
     scores = [token_scorer.scores(a, prompt_len) for a in accumulated]
     cache = outputs.past_key_values
@@ -238,10 +237,10 @@ def layer_costs(
     generated = [int(outputs.logits[0, -1].argmax())]
     del outputs
     for _ in range(positions - 1):
-        step = model(torch.tensor([[generated[-1]]]), past_key_values=cache, use_cache=True)
+        step = model(torch.tensor([[generated[-1]]], device=model.device), past_key_values=cache, use_cache=True)
         generated.append(int(step.logits[0, -1].argmax()))
     cache.crop(-(positions - 1))
-    continuation = torch.tensor([generated])
+    continuation = torch.tensor([generated], device=model.device)
     reference = _continuation_log_probs(model, continuation, cache)[0]
     # All ratios of a layer run as one batch (measured 1.6x faster than one at a time on
     # 2 CPU cores, costs equal to 1e-7): the prompt's cache, once per ratio.
@@ -256,12 +255,12 @@ def layer_costs(
             evicted[j, select_tokens(scores[i], count, protection)[0]] = False
         with _evicting(attention[layers[i]], evicted, prompt_len):
             compressed = _continuation_log_probs(model, continuation, cache)
-        costs[i] = (reference.exp() * (reference - compressed)).sum(dim=-1).mean(dim=-1).clamp_min(0.0)
+        costs[i] = (reference.exp() * (reference - compressed)).sum(dim=-1).mean(dim=-1).clamp_min(0.0).cpu()
     return costs
 
 
-def load_model(model_path: str):
-    """Tokenizer, model (fp32, eager attention), its text config and its compressed layers."""
+def load_model(model_path: str, device: str):
+    """Tokenizer, model (fp32, eager attention, on ``device``), its text config and its compressed layers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
@@ -271,7 +270,7 @@ def load_model(model_path: str):
     auto_class = AutoModelForCausalLM if text_config is config else AutoModelForImageTextToText
     model = auto_class.from_pretrained(
         model_path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
-    ).eval()
+    ).eval().to(device)
     # Only the full-attention layers are compressed; the others keep vLLM's own cache.
     layers = full_attention_layers(text_config, text_config.num_hidden_layers)
     if not layers:
@@ -293,6 +292,7 @@ def calibrate(
     recent: int = SERVING.recent,
     loss_ratios: Sequence[float] = LOSS_RATIOS,
     positions: int = LOSS_POSITIONS,
+    device: str = "cpu",
     progress: Progress = _unwatched,
 ) -> Profile:
     """A profile with one entry per budget. ``sink``, ``recent``, ``loss_ratios`` and ``positions`` are the loss criterion's."""
@@ -301,7 +301,7 @@ def calibrate(
     if criterion == "loss":  # fail before the long part
         _check_loss_budget(min(budgets), loss_ratios)
     started = time.time()
-    tokenizer, model, text_config, layers = load_model(model_path)
+    tokenizer, model, text_config, layers = load_model(model_path, device)
     token_scorer = make_scorer(scorer, window=window)
     protection = Protection(sink=sink, recent=recent)
     prompts = calibration_prompts(tokenizer, num_prompts, max_tokens, tasks)
@@ -331,7 +331,7 @@ def calibrate(
     if criterion == "loss":
         mean_costs = torch.stack(costs).mean(dim=0)
         entries = {budget: allocate_by_cost(loss_ratios, mean_costs, budget) for budget in budgets}
-        # Kept whole (not rounded): with_budget re-allocates other budgets from them.
+        # Kept whole (not rounded): Profile.keep_ratios allocates other budgets from them as here.
         provenance.update(
             sink=sink,
             recent=recent,
@@ -374,21 +374,11 @@ def _check_loss_budget(budget: float, loss_ratios: Sequence[float]) -> None:
         )
 
 
-def with_budget(profile: Profile, budget: float) -> Profile:
-    """``profile`` with an entry for ``budget``; a loss profile allocates one from its measured costs."""
-    if any(abs(b - budget) < 1e-9 for b in profile.entries) or "kl_per_layer" not in profile.provenance:
-        return profile  # Profile.keep_ratios says which budgets an attention profile has
-    loss_ratios = profile.provenance["loss_ratios"]
-    _check_loss_budget(budget, loss_ratios)
-    ratios = allocate_by_cost(loss_ratios, torch.tensor(profile.provenance["kl_per_layer"]), budget)
-    return dataclasses.replace(profile, entries={**profile.entries, budget: ratios})
-
-
 def cached_calibration(model_path: str, budget: float, config: PrefixKVConfig = SERVING) -> Profile:
     """``calibrate`` with the server's settings, cached on disk by model files and settings.
 
     A loss calibration is cached once for every budget (its costs do not depend on
-    one); an attention calibration once per budget.
+    one: ``Profile.keep_ratios``); an attention calibration once per budget.
     """
     from .demo_model import default_cache_dir
 
@@ -402,7 +392,7 @@ def cached_calibration(model_path: str, budget: float, config: PrefixKVConfig = 
     digest = hashlib.sha256(key + identity).hexdigest()[:16]
     path = default_cache_dir() / "profiles" / f"{Path(model_path).name}-{digest}.json"
     if path.exists():
-        return with_budget(Profile.load(path), budget)
+        return Profile.load(path)  # keep_ratios allocates a loss profile's other budgets
     # Under "vllm" so that vLLM's log handlers show it at start-up.
     progress = logged_progress(logging.getLogger("vllm.prefixkv"), Path(model_path).name)
     profile = calibrate(
@@ -491,6 +481,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sink", type=int, default=SERVING.sink, help=f"loss criterion: first tokens always kept, as --kv-sink (default {SERVING.sink})")
     parser.add_argument("--recent", type=int, default=SERVING.recent, help=f"loss criterion: last prompt tokens always kept, as --kv-recent (default {SERVING.recent})")
     parser.add_argument("--positions", type=int, default=LOSS_POSITIONS, help=f"loss criterion: decoded tokens compared (default {LOSS_POSITIONS})")
+    parser.add_argument(
+        "--device", default="cpu",
+        help="torch device to calibrate on, e.g. cuda (default cpu; a server without --kv-profile calibrates on "
+        "the CPU at start-up, before vLLM takes the GPU, so calibrate large models here and pass --kv-profile)",
+    )  # fmt: skip
     parser.add_argument("-o", "--output", required=True, help="profile JSON to write")
     parser.add_argument("--plot", metavar="PNG", help="also draw the kept ratio per layer (needs matplotlib)")
     parser.add_argument("--compare", nargs="+", default=[], metavar="PROFILE", help="other profiles to draw beside this one in --plot")
@@ -510,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         sink=args.sink,
         recent=args.recent,
         positions=args.positions,
+        device=args.device,
         progress=_tqdm_progress,
     )
     profile.save(args.output)
