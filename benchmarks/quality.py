@@ -114,7 +114,9 @@ def policy_label(config: dict) -> str:
 def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=(), criteria=()) -> list[dict]:
     """``profiles``: ``(path, scorer, criterion, budgets)`` per profile; it runs at the budgets it has.
 
-    ``criteria``: start-up calibration criteria for ``prefixkv`` (``--kv-criterion``); none: the server's default.
+    ``criteria``: start-up calibration criteria for ``prefixkv`` (``--kv-criterion``); none: the server's
+    default. Only another criterion than the default is named in a configuration, so the default's
+    results are the same configuration however they were asked for.
     """
     configs = [{"policy": "none"}]
     for budget in budgets:
@@ -127,7 +129,7 @@ def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",),
                             config["recent"] = recent
                         if policy != "streaming":
                             config["scorer"] = scorer
-                        if criterion is not None:
+                        if criterion not in (None, PrefixKVConfig.criterion):
                             config["criterion"] = criterion
                         if len(decode_modes) > 1 or decode != "fifo":
                             config["decode"] = decode
@@ -445,7 +447,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", nargs="+", help="only these prompt kinds (benchmarks/prompts.py KINDS), e.g. summary for long outputs")
     parser.add_argument("--stem", default="quality", help="output file names: STEM.md, STEM.json, STEM.png")
     parser.add_argument("--prefix-caching", action="store_true", help="also run each compressed configuration with vLLM's prefix caching on (each prompt is new, so this measures what the write-once prefix costs)")
-    parser.add_argument("--resume", action="store_true", help="reuse configurations already in OUT_DIR/STEM.json with the same prompts")
+    parser.add_argument("--resume", action="store_true", help="keep the configurations already in OUT_DIR/STEM.json with the same prompts and add this run's (a run in steps)")
     # internal: one configuration in a child process
     parser.add_argument("--model", choices=DEMO_MODELS, default=DEMO_MODELS[0], help="demo model (`prefixkv demo-model --name`)")
     parser.add_argument("--run-config", help=argparse.SUPPRESS)
@@ -496,7 +498,7 @@ def main(argv=None) -> int:
         key = json.dumps(config, sort_keys=True)
         if key in previous:
             print(f"[quality] {config_name(config)}: reused from {json_path}", flush=True)
-            results.append(previous[key])
+            results.append(previous.pop(key))
             continue
         print(f"[quality] {config_name(config)} ...", end=" ", flush=True)
         result = launch(config, prompts_file, args, args.log_dir)
@@ -507,6 +509,8 @@ def main(argv=None) -> int:
         if config["policy"] == "none" and "error" in result:
             print("[quality] the full-cache reference failed; stopping", file=sys.stderr)
             return 1
+    # Saved configurations this run did not list stay; the tables go by budget, then in the order run.
+    results = sorted([*results, *previous.values()], key=lambda r: r["config"].get("budget", 0.0))
     total_s = time.time() - begun
     # With --resume, this run's time says little: the configurations' own wall times, reused ones included, do.
     configurations_s = sum(r.get("wall_s") or 0.0 for r in results)

@@ -79,12 +79,10 @@ def test_criteria_pick_the_start_up_calibration():
     from quality import additional_config, config_name, configurations
 
     configs = configurations([0.2], ["uniform", "prefixkv"], ["snapkv"], criteria=["attention", "loss"])
-    assert [config_name(c) for c in configs[1:]] == [
-        "uniform/snapkv@0.2", "prefixkv (attention criterion)/snapkv@0.2", "prefixkv (loss criterion)/snapkv@0.2",
-    ]  # fmt: skip
-    assert additional_config(configs[2])["kv_criterion"] == "attention" and "kv_criterion" not in additional_config(configs[1])
-    # Without criteria, prefixkv runs the server's default and its configuration says nothing of one.
-    assert "criterion" not in configurations([0.2], ["prefixkv"], ["snapkv"])[1]
+    assert [config_name(c) for c in configs[1:]] == ["uniform/snapkv@0.2", "prefixkv (attention criterion)/snapkv@0.2", "prefixkv/snapkv@0.2"]
+    assert additional_config(configs[2])["kv_criterion"] == "attention" and "kv_criterion" not in additional_config(configs[3])
+    # The server's default (loss) is the same configuration with or without --criteria.
+    assert configs[3] == configurations([0.2], ["prefixkv"], ["snapkv"])[1]
 
 
 @pytest.fixture(scope="module")
