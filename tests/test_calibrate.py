@@ -214,7 +214,7 @@ def test_start_up_calibrates_a_loss_profile_once_for_every_budget(tmp_path, monk
 
     def fake_calibrate(model_path, budgets, **settings):
         calls.append((budgets, settings["criterion"], settings["scorer"]))
-        costs = [[0.5, 0.3, 0.2, 0.1, 0.05], [0.1, 0.05, 0.02, 0.01, 0.0], [0.9, 0.6, 0.4, 0.2, 0.1]]
+        costs = [[scale * (1 - r) ** 2 for r in cal.LOSS_RATIOS] for scale in (0.5, 0.1, 0.9)]
         entries = {b: cal.allocate_by_cost(cal.LOSS_RATIOS, torch.tensor(costs), b) for b in budgets}
         provenance = {"criterion": settings["criterion"], "loss_ratios": list(cal.LOSS_RATIOS), "kl_per_layer": costs}
         return Profile(ModelIdentity("m", 3, 1, 4), settings["scorer"], entries, provenance)
