@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +233,18 @@ def test_start_up_calibrates_a_loss_profile_once_for_every_budget(tmp_path, monk
     cal.cached_calibration(str(tmp_path / "m"), 0.2, attention)
     cal.cached_calibration(str(tmp_path / "m"), 0.5, attention)
     assert calls[1:] == [[0.2], [0.5]]  # attention ratios depend on the budget: one calibration each
+
+
+def test_the_committed_default_profile_is_what_start_up_calibrates():
+    # tests/test_vllm_serve.py serves the demo model with this profile in place of start-up
+    # calibration; if the recipe or a default changes, recalibrate it (`prefixkv calibrate
+    # "$(prefixkv demo-model)" --budget 0.2 0.5 -o <this file>`).
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "profiles" / "SmolLM2-135M-Instruct-default.json"
+    default = Profile.load(path)
+    provenance = default.provenance
+    recipe = (provenance["recipe"], provenance["criterion"], default.scorer, provenance["window"], provenance["tasks"], provenance["samples"])
+    defaults = {name: p.default for name, p in inspect.signature(cal.calibrate).parameters.items()}
+    assert recipe == (cal.RECIPE_VERSION, cal.SERVING.criterion, cal.SERVING.scorer, cal.SERVING.window, list(cal.TASKS), defaults["num_prompts"])
+    loss = (provenance["sink"], provenance["recent"], tuple(provenance["loss_ratios"]), provenance["positions"])
+    assert loss == (cal.SERVING.sink, cal.SERVING.recent, cal.LOSS_RATIOS, cal.LOSS_POSITIONS)
+    assert max(provenance["prompt_tokens"]) <= defaults["max_tokens"]

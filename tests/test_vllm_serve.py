@@ -17,10 +17,16 @@ pytest.importorskip("vllm")
 
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from soak_load import SoakSpec, run_soak  # noqa: E402
 
 from .vllm_server import concurrent_streams, run_startup_failure, serve  # noqa: E402
+
+# What start-up calibrates for the demo model with the default settings (tests/test_calibrate.py
+# checks its recipe), passed as a profile so that this module does not spend 220 s calibrating;
+# the start-up calibration itself runs end to end in tests/test_vllm_vision.py, on a small model.
+DEFAULT_PROFILE = ("--kv-profile", str(ROOT / "benchmarks" / "results" / "profiles" / "SmolLM2-135M-Instruct-default.json"))
 
 COLORS = ("red", "blue", "green", "yellow")
 
@@ -79,7 +85,7 @@ def budget_one(model, log_dir):
 
 @pytest.fixture(scope="module")
 def compressed(model, log_dir):
-    with serve(model, "--kv-policy", "prefixkv", "--kv-budget", "0.2", log_dir=log_dir) as server:
+    with serve(model, "--kv-policy", "prefixkv", "--kv-budget", "0.2", *DEFAULT_PROFILE, log_dir=log_dir) as server:
         yield server
 
 
@@ -186,7 +192,7 @@ def test_compressed_answers_stay_coherent(compressed):
 
 # prefixkv keeps one KV-cache group per layer: 2500 one-layer blocks of 32 tokens hold
 # 2666 tokens, just over one longest request; a token budget of 512 splits prompts into chunks.
-SOAK_ARGS = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--num-gpu-blocks-override", "2500")
+SOAK_ARGS = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", *DEFAULT_PROFILE, "--num-gpu-blocks-override", "2500")
 SOAK_ARGS += ("--max-model-len", "2600", "--max-num-batched-tokens", "512")
 # vLLM's own admission, so that the load preempts (the default admission avoids it) and
 # requests resume past their decode rounds (the catch-up compaction).
