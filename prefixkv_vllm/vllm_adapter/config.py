@@ -26,11 +26,12 @@ class PrefixKVConfigError(ValueError):
 class PrefixKVConfig:
     policy: str = "none"
     budget: float = 0.2
-    # Measured (benchmarks/results/quality-allocation.md): SnapKV's pooled window score
-    # beat the plain window score for uniform at budgets 0.2 and 0.5, and with the loss
-    # criterion (how much compressing each layer changes the model's next-token
-    # distributions, calibrated on documents, needles and chat) prefixkv beat uniform's
-    # best scorer beyond noise; the paper's attention-mass rule did not.
+    # Measured (benchmarks/results/quality-default.md, 48 prompts): SnapKV's pooled window
+    # score found more needles than the plain window score for uniform at budgets 0.2 and
+    # 0.5, and with the loss criterion (how much compressing each layer changes the model's
+    # next-token distributions, calibrated on documents, needles and chat) prefixkv had the
+    # best ROUGE-L at both budgets, ahead of uniform's best beyond noise at 0.2; the
+    # paper's attention-mass rule was below uniform.
     scorer: str = "snapkv"
     criterion: str = "loss"  # how calibration shares the budget across layers (policy.costs)
     window: int = 32
