@@ -6,7 +6,8 @@
 and while decoding) to a prefixkv server whose pool holds a little more than one
 longest request, with a 512-token step budget so prompts are chunked. Checked: every
 valid request completes with all its tokens, every invalid one gets HTTP 400, aborted
-ones never complete, preemption happened, KV usage returns to 0, and afterwards
+ones never complete, then a pressure phase that must preempt (``soak_load``) completes
+too, KV usage returns to 0, and afterwards
 ``kv_budget: 1`` requests decode the same greedy tokens as stock vLLM (a second server,
 without the plugin). ``tests/test_vllm_serve.py`` runs the same at a reduced size.
 Writes ``soak.md`` and ``soak.json`` under ``--out-dir``; exits 1 on any failure.
@@ -54,6 +55,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-decode-tokens", type=int, default=448)
     parser.add_argument("--pool-blocks", type=int, default=3600, help="--num-gpu-blocks-override (one-layer blocks: 30 per 32 tokens)")
     parser.add_argument("--max-model-len", type=int, default=3700)
+    # Defaults sized for the default pool: 3600 / 30 layers = 120 blocks of 32 tokens; five
+    # 600-token prompts take 5 x 19 = 95, the four full ones alone end at 4 x 33 = 132.
+    parser.add_argument("--pressure-requests", type=int, default=4, help="kv_budget 1 requests of the pressure phase (one more at the server's budget)")
+    parser.add_argument("--pressure-prompt-tokens", type=int, default=600)
+    parser.add_argument("--pressure-decode-tokens", type=int, default=448)
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     model = str(demo_model_path())
@@ -62,6 +68,9 @@ def main(argv=None) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         min_decode_tokens=args.min_decode_tokens,
         max_decode_tokens=args.max_decode_tokens,
+        pressure_requests=args.pressure_requests,
+        pressure_prompt_tokens=args.pressure_prompt_tokens,
+        pressure_decode_tokens=args.pressure_decode_tokens,
     )
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     logs = Path(tempfile.mkdtemp(prefix="soak-"))
@@ -78,7 +87,8 @@ def main(argv=None) -> int:
     passed = (
         not report["failures"]
         and report["completed"] == report["expected_completed"]
-        and report["preemptions"] > 0
+        and report["pressure_completed"] == args.pressure_requests + 1
+        and report["preemptions_pressure"] > 0
         and report["kv_usage_after"] == 0.0
         and report["budget_one_matches_stock"]
     )

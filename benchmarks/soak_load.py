@@ -10,6 +10,14 @@ while they decode (vLLM aborts them). Every other request must finish with exact
 same ``shared_prefix_tokens`` (a system prompt, for vLLM's prefix cache). ``run_soak``
 then waits for the engine to go idle and reports what happened, including the KV usage
 left (0: no leaked block) and the prefix-cache hit rate.
+
+Whether the mixed load preempts depends on timing (when aborts free their blocks, how
+fast the machine decodes), so a second phase makes preemption certain: on the idle
+engine, ``pressure_requests`` requests at ``kv_budget: 1`` (nothing evicted) and one
+more at the server's budget arrive together, with prompts that fit the pool side by side
+and generations that do not. The caller sizes them from its pool. vLLM preempts the
+request it admitted last, often the compressed one, which then resumes past its decode
+rounds (the catch-up compaction). The phase is checked like the ``ok`` requests.
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ class SoakSpec:
     invalid_every: int = 8  # request i with i % invalid_every == 1 sends a bad kv_budget
     abort_every: int = 6  # i % abort_every == 2: closed mid-prefill; == 4: closed mid-decode
     shared_prefix_tokens: int = 0  # prepended to every even-numbered request's prompt
+    pressure_requests: int = 0
+    pressure_prompt_tokens: int = 0
+    pressure_decode_tokens: int = 0
     seed: int = 0
 
 
@@ -78,6 +89,20 @@ def plan(spec: SoakSpec) -> list[dict]:
             body["vllm_xargs"] = {"kv_budget": budget}
         stream = kind.startswith("abort") or (kind == "ok" and i % 2 == 0)
         requests_.append({"index": i, "kind": kind, "stream": stream, "body": body, "close_after_s": rng.uniform(0.5, 4.0)})
+    return requests_
+
+
+def pressure_plan(spec: SoakSpec) -> list[dict]:
+    if not spec.pressure_requests:
+        return []
+    rng = random.Random(spec.seed + 1)
+    requests_ = []
+    for i in range(spec.pressure_requests + 1):
+        # Distinct prompts, so that no prefix-cache hit shrinks their demand.
+        body = {"model": "demo", "prompt": prompt_text(spec.pressure_prompt_tokens, rng), "max_tokens": spec.pressure_decode_tokens, "ignore_eos": True, "temperature": 0.0}
+        if i < spec.pressure_requests:
+            body["vllm_xargs"] = {"kv_budget": 1.0}
+        requests_.append({"index": i, "kind": "ok", "stream": False, "body": body})
     return requests_
 
 
@@ -141,12 +166,9 @@ def _delta(after: dict, before: dict, name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def run_soak(base_url: str, spec: SoakSpec) -> dict:
-    """Sends the load, checks every answer, waits for the engine to idle; returns the figures and the failures."""
-    requests_ = plan(spec)
+def _send_all(base_url: str, requests_: list[dict]) -> tuple[list[dict], float]:
+    """Sends every request at once, one thread each; returns the results and the peak of running requests."""
     results: list[dict] = [{} for _ in requests_]
-    peak_running = [0.0]
-    before = metrics(base_url)
 
     def run(request: dict) -> None:
         try:
@@ -154,55 +176,80 @@ def run_soak(base_url: str, spec: SoakSpec) -> dict:
         except Exception as exc:  # noqa: BLE001 -- reported as this request's failure, not a crash of the driver
             results[request["index"]] = {"status": None, "error": repr(exc)}
 
-    started = time.time()
     threads = [threading.Thread(target=run, args=(r,)) for r in requests_]
     for thread in threads:
         thread.start()
+    peak_running = 0.0
     while any(thread.is_alive() for thread in threads):
-        peak_running[0] = max(peak_running[0], metrics(base_url).get("vllm:num_requests_running", 0.0))
+        peak_running = max(peak_running, metrics(base_url).get("vllm:num_requests_running", 0.0))
         time.sleep(0.5)
-    wall = time.time() - started
+    return results, peak_running
 
+
+def _check(requests_: list[dict], results: list[dict], phase: str) -> list[tuple]:
     failures = []
     for request, result in zip(requests_, results):
         expected_choices = request["body"].get("n", 1)
         if request["kind"] == "invalid":
             if result.get("status") != 400 or "kv_budget" not in result.get("error", ""):
-                failures.append((request["index"], "expected HTTP 400 naming kv_budget", result))
+                failures.append((phase, request["index"], "expected HTTP 400 naming kv_budget", result))
         elif request["kind"].startswith("abort"):
             if result.get("status") != 200:
-                failures.append((request["index"], "aborted request failed before its abort", result))
+                failures.append((phase, request["index"], "aborted request failed before its abort", result))
         elif result.get("status") != 200 or not result.get("usage"):
-            failures.append((request["index"], "no complete answer", result))
+            failures.append((phase, request["index"], "no complete answer", result))
         elif result["usage"]["completion_tokens"] != expected_choices * request["body"]["max_tokens"]:
-            failures.append((request["index"], f"expected {expected_choices} x {request['body']['max_tokens']} tokens", result))
+            failures.append((phase, request["index"], f"expected {expected_choices} x {request['body']['max_tokens']} tokens", result))
         elif result["finish"] != dict.fromkeys(range(expected_choices), "length"):
-            failures.append((request["index"], "unexpected finish reasons", result))
+            failures.append((phase, request["index"], "unexpected finish reasons", result))
+    return failures
 
+
+def _wait_idle(base_url: str) -> dict:
     deadline = time.time() + 120  # aborts reach the engine asynchronously
-    while time.time() < deadline:
-        after = metrics(base_url)
-        if after.get("vllm:num_requests_running", 0) == 0 and after.get("vllm:num_requests_waiting", 0) == 0:
-            break
+    while True:
+        now = metrics(base_url)
+        idle = now.get("vllm:num_requests_running", 0) == 0 and now.get("vllm:num_requests_waiting", 0) == 0
+        if idle or time.time() > deadline:
+            return now
         time.sleep(0.5)
+
+
+def run_soak(base_url: str, spec: SoakSpec) -> dict:
+    """Sends the load, then the pressure phase, checks every answer, waits for the engine to
+    idle after each; returns the figures and the failures."""
+    requests_ = plan(spec)
+    before = metrics(base_url)
+    started = time.time()
+    results, peak_running = _send_all(base_url, requests_)
+    wall = time.time() - started
+    failures = _check(requests_, results, "mixed")
+    mixed = _wait_idle(base_url)
+    pressure = pressure_plan(spec)
+    if pressure:
+        pressure_results, _ = _send_all(base_url, pressure)
+        failures += _check(pressure, pressure_results, "pressure")
+    after = _wait_idle(base_url)
     prompt_lens = [r["usage"]["prompt_tokens"] for r in results if r.get("usage")]
     return {
         "requests": spec.requests,
         "prompt_tokens_min_max": [min(prompt_lens, default=0), max(prompt_lens, default=0)],
         "invalid": sum(r["kind"] == "invalid" for r in requests_),
         "aborted": sum(r["kind"].startswith("abort") for r in requests_),
-        "completed": _delta(after, before, "vllm:request_success_total"),
+        "completed": _delta(mixed, before, "vllm:request_success_total"),
         # vLLM runs n=2 as two requests; aborted ones never complete.
         "expected_completed": sum(r["body"].get("n", 1) for r in requests_ if r["kind"] == "ok"),
         "aborted_before_first_token": sum(r.get("aborted") == "before its first token" for r in results),
         "n2": sum(r["body"].get("n", 1) == 2 for r in requests_),
         "streamed": sum(r["stream"] for r in requests_),
         "wall_s": round(wall, 1),
-        "prompt_tokens": _delta(after, before, "vllm:prompt_tokens_total"),
-        "generation_tokens": _delta(after, before, "vllm:generation_tokens_total"),
-        "preemptions": _delta(after, before, "vllm:num_preemptions_total"),
-        "prefix_cache_hit_rate": round(_delta(after, before, "vllm:prefix_cache_hits_total") / max(1.0, _delta(after, before, "vllm:prefix_cache_queries_total")), 3),
-        "peak_running": peak_running[0],
+        "prompt_tokens": _delta(mixed, before, "vllm:prompt_tokens_total"),
+        "generation_tokens": _delta(mixed, before, "vllm:generation_tokens_total"),
+        "preemptions_mixed": _delta(mixed, before, "vllm:num_preemptions_total"),
+        "pressure_completed": _delta(after, mixed, "vllm:request_success_total"),
+        "preemptions_pressure": _delta(after, mixed, "vllm:num_preemptions_total"),
+        "prefix_cache_hit_rate": round(_delta(mixed, before, "vllm:prefix_cache_hits_total") / max(1.0, _delta(mixed, before, "vllm:prefix_cache_queries_total")), 3),
+        "peak_running": peak_running,
         "kv_usage_after": after.get("vllm:kv_cache_usage_perc", 0.0),
         "failures": failures,
     }

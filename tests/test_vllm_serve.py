@@ -197,7 +197,12 @@ SOAK_ARGS += ("--max-model-len", "2600", "--max-num-batched-tokens", "512")
 # vLLM's own admission, so that the load preempts (the default admission avoids it) and
 # requests resume past their decode rounds (the catch-up compaction).
 SOAK_ARGS += ("--kv-admission", "stock")
-SOAK_CI = SoakSpec(requests=32, max_prompt_tokens=2000, min_decode_tokens=96, max_decode_tokens=256, shared_prefix_tokens=400)
+# Pressure phase: the pool holds 2500 / 30 layers = 83 blocks of 32 tokens. Five 400-token
+# prompts take 5 x 13 = 65 of them; the four full ones alone end at 4 x 27 (848 tokens) = 108.
+SOAK_CI = SoakSpec(
+    requests=32, max_prompt_tokens=2000, min_decode_tokens=96, max_decode_tokens=256, shared_prefix_tokens=400,
+    pressure_requests=4, pressure_prompt_tokens=400, pressure_decode_tokens=448,
+)
 
 
 def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, stock_tokens):
@@ -207,7 +212,8 @@ def test_soak_mixed_load_with_preemption_aborts_and_bad_budgets(model, log_dir, 
         assert report["failures"] == [], report["failures"][:3]
         assert report["completed"] == report["expected_completed"], report  # aborts stopped their requests
         assert report["aborted_before_first_token"] > 0, report
-        assert report["preemptions"] > 0, f"the load did not preempt; make it heavier: {report}"
+        assert report["pressure_completed"] == SOAK_CI.pressure_requests + 1, report
+        assert report["preemptions_pressure"] > 0, report
         assert report["kv_usage_after"] == 0.0, report
         assert report["prefix_cache_hit_rate"] > 0.05, report  # half the prompts share a system prompt
         for prompt in CHAT_PROMPTS[3:5]:
