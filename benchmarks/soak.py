@@ -16,6 +16,7 @@ Writes ``soak.md`` and ``soak.json`` under ``--out-dir``; exits 1 on any failure
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -92,13 +93,16 @@ def main(argv=None) -> int:
         and report["kv_usage_after"] == 0.0
         and report["budget_one_matches_stock"]
     )
-    report.update(passed=passed, vllm=vllm_version(), server_args=server_args, logs=str(logs))
+    report.update(passed=passed, vllm=vllm_version(), date=datetime.date.today().isoformat(), server_args=server_args, logs=str(logs))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "soak.json").write_text(json.dumps(report, indent=2, default=str))
     rows = [f"| {key} | {value} |" for key, value in report.items() if key not in ("failures", "server_args", "logs")]
     (args.out_dir / "soak.md").write_text(
         "# Soak (benchmarks/soak.py)\n\n"
-        f"`vllm serve {' '.join(server_args)}` on the demo model, {vllm_version()}.\n\n"
+        f"`vllm serve {' '.join(server_args)}` on the demo model, {vllm_version()}, the other settings at their defaults "
+        f"(`python benchmarks/soak.py {' '.join(argv if argv is not None else sys.argv[1:])}`). The mixed load's figures, "
+        f"then the pressure phase's ({args.pressure_requests} requests at `kv_budget` 1 and one at the server's budget, "
+        f"{args.pressure_prompt_tokens} + {args.pressure_decode_tokens} tokens each).\n\n"
         "| figure | value |\n|---|---|\n" + "\n".join(rows) + f"\n\nfailures: {report['failures'] or 'none'}\n"
     )
     print(json.dumps({k: v for k, v in report.items() if k != "failures"}, default=str))

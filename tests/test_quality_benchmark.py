@@ -65,6 +65,32 @@ def test_comparisons_pair_each_configuration_with_its_uniform_baseline():
     assert compared[2]["needle"] == (-0.5, -1.0, 0.0)
 
 
+def test_pooling_concatenates_prompt_sets_and_pairs_them():
+    from quality_pool import pool
+
+    run_a = {"rows": [row("uniform", "snapkv", [0.5, 0.5], [0]), row("prefixkv", "snapkv", [0.7, 0.5], [1]), row("uniform", "window", [0.1, 0.1], [0])]}
+    run_b = {"rows": [row("prefixkv", "snapkv", [0.6], [1, 0]), row("uniform", "snapkv", [0.6], [0, 0])]}
+    for rows in (run_a["rows"], run_b["rows"]):
+        for r in rows:
+            r.update(n=len(r["rouge_per_prompt"]), needle_hits=sum(r["needle_per_prompt"]), needle_n=len(r["needle_per_prompt"]))
+    pooled = pool([run_a, run_b])
+    assert [r["name"] for r in pooled] == ["uniform/snapkv@0.2", "prefixkv/snapkv@0.2"]  # window ran only once
+    assert pooled[1]["rouge_per_prompt"] == [0.7, 0.5, 0.6] and pooled[1]["needle_per_prompt"] == [1, 1, 0]
+    assert pooled[1]["rouge_mean"] == pytest.approx(0.6) and pooled[1]["needle_hits"] == 2
+    assert pooled[1]["per_run"] == [(0.6, 1, 1), (0.6, 1, 2)]
+
+
+def test_pooling_refuses_the_same_prompts_twice(tmp_path):
+    import json
+
+    from quality_pool import main
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"prompts": [{"kind": "qa"}], "rows": [row("uniform", "snapkv", [0.5], [])]}))
+    with pytest.raises(SystemExit):
+        main([str(run), str(run), "--out-dir", str(tmp_path)])
+
+
 def test_profiles_run_at_their_budgets():
     from quality import additional_config, config_name, configurations
 
