@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 pytest.importorskip("vllm")
 
 from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets, request_budget  # noqa: E402
-from prefixkv_vllm.vllm_adapter.startup import _tiered  # noqa: E402
+from prefixkv_vllm.vllm_adapter.startup import _tier_curves, _tier_means, _tiers  # noqa: E402
 
 
 def test_defaults_are_stock():
@@ -19,6 +21,9 @@ def test_defaults_are_stock():
 def test_round_trip():
     config = PrefixKVConfig(policy="prefixkv", budget=0.3, scorer="mean", tiers=5).with_keep_ratios((0.5, 0.1))
     assert PrefixKVConfig.from_additional_config(config.to_additional_config()) == config
+    curves = (((0.05, 0.05), (0.5, 0.9), (1.0, 1.0)), ((0.05, 0.05), (0.5, 0.1), (1.0, 1.0)))
+    config = config.with_keep_ratios((0.5, 0.1), curves)
+    assert PrefixKVConfig.from_additional_config(json.loads(json.dumps(config.to_additional_config()))) == config
     assert PrefixKVConfig.from_additional_config({"kv_policy": "uniform", "kv_budget": 1}).budget == 1.0
 
 
@@ -43,11 +48,20 @@ def test_bad_settings(settings, message):
 
 def test_tiers_keep_the_mean_and_group_by_ratio():
     ratios = (0.9, 0.1, 0.5, 0.2, 0.3, 0.4)
-    tiered = _tiered(ratios, 3)
+    tiered = _tier_means(ratios, _tiers(ratios, 3))
     assert len(set(tiered)) == 3
     assert sum(tiered) == pytest.approx(sum(ratios))
     assert tiered[1] == tiered[3] == pytest.approx(0.15)  # the two lowest share a tier
-    assert _tiered(ratios, 0) == list(ratios)
+    assert _tier_means(ratios, _tiers(ratios, 0)) == list(ratios)
+
+
+def test_tiers_share_the_mean_of_their_layers_curves():
+    curves = [((0.1, 0.1), (0.5, 0.3), (1.0, 1.0)), ((0.1, 0.1), (0.3, 0.5), (1.0, 1.0)), ((0.1, 0.1), (1.0, 1.0))]
+    tiers = _tiers((0.3, 0.5, 0.2), 1)  # one tier of all three
+    tiered = _tier_curves(curves, tiers)
+    assert tiered[0] == tiered[1] == tiered[2]
+    assert [b for b, _ in tiered[0]] == [0.1, 0.3, 0.5, 1.0]  # the union of the knots
+    assert dict(tiered[0])[0.5] == pytest.approx((0.3 + (0.5 + 0.5 * 0.2 / 0.7) + (0.1 + 0.9 * 0.4 / 0.9)) / 3)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefixkv_vllm.policy.costs import allocate_by_cost, lower_convex_hull
+from prefixkv_vllm.policy.costs import allocate_by_cost, allocation_curves, lower_convex_hull, ratio_at
 
 RATIOS = (0.05, 0.1, 0.2, 0.4, 0.7)
 
@@ -54,6 +54,38 @@ def test_mean_is_the_budget_and_two_layers_are_optimal(seed, budget):
         if RATIOS[0] <= second <= 1.0:
             best = min(best, hull_cost(RATIOS, costs[0].tolist(), first) + hull_cost(RATIOS, costs[1].tolist(), second))
     assert chosen <= best + 1e-9
+
+
+def greedy_reference(ratios, costs, budget):
+    """The allocation at one budget, handed out segment by segment (what the curves must reproduce)."""
+    grid = list(ratios) + [1.0]
+    segments = []
+    for layer, row in enumerate(costs.double().tolist()):
+        hull = lower_convex_hull(grid, row + [0.0])
+        segments += [((y1 - y0) / (x1 - x0), layer, x1 - x0) for (x0, y0), (x1, y1) in zip(hull, hull[1:])]
+    allocation, remaining = [grid[0]] * costs.shape[0], (budget - grid[0]) * costs.shape[0]
+    for _, layer, width in sorted(segments):
+        step = min(width, max(0.0, remaining))
+        allocation[layer] += step
+        remaining -= step
+    return allocation
+
+
+@given(st.integers(0, 2**31 - 1), st.integers(1, 6))
+@settings(max_examples=40, deadline=None)
+def test_curves_are_the_allocation_at_every_budget(seed, num_layers):
+    generator = torch.Generator().manual_seed(seed)
+    costs = torch.rand(num_layers, len(RATIOS), generator=generator)
+    costs[0] = costs[-1]  # a tie, which goes to the earlier layer
+    curves = allocation_curves(RATIOS, costs)
+    for curve in curves:
+        assert curve[0] == (RATIOS[0], RATIOS[0]) and curve[-1] == (1.0, 1.0)
+        assert all(b0 < b1 and r0 <= r1 for (b0, r0), (b1, r1) in zip(curve, curve[1:]))  # non-decreasing
+    for budget in [RATIOS[0], 1.0, *torch.rand(8, generator=generator).mul(1 - RATIOS[0]).add(RATIOS[0]).tolist()]:
+        on_curves = [ratio_at(curve, budget) for curve in curves]
+        assert on_curves == pytest.approx(greedy_reference(RATIOS, costs, budget), abs=1e-12)
+        assert sum(on_curves) / num_layers == pytest.approx(budget, abs=1e-12)
+        assert allocate_by_cost(RATIOS, costs, budget) == tuple(on_curves)
 
 
 @pytest.mark.parametrize(

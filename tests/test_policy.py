@@ -332,3 +332,18 @@ def test_request_keep_ratio_moves_the_mean_and_keeps_the_order(request_budget):
     pairs = [(i, j) for i in range(6) for j in range(6) if layer_ratios[i] <= layer_ratios[j]]
     assert all(moved[i] <= moved[j] + 1e-12 for i, j in pairs)  # the per-layer shape is kept
     assert request_keep_ratio(0.3, server_budget, server_budget) == pytest.approx(0.3)
+
+
+def test_request_keep_ratio_on_loss_curves_is_the_allocation_at_the_request_budget():
+    from prefixkv_vllm.policy.costs import allocate_by_cost, allocation_curves
+
+    grid = (0.05, 0.1, 0.2, 0.4, 0.7)
+    costs = torch.tensor([[1.0, 0.6, 0.3, 0.1, 0.02], [0.2, 0.15, 0.1, 0.05, 0.01], [3.0, 1.0, 0.2, 0.1, 0.05]])
+    curves = allocation_curves(grid, costs)
+    server = allocate_by_cost(grid, costs, 0.2)
+    for request_budget in (0.05, 0.3, 0.5, 0.9, 1.0):
+        moved = [request_keep_ratio(r, 0.2, request_budget, curve) for r, curve in zip(server, curves)]
+        assert moved == pytest.approx(allocate_by_cost(grid, costs, request_budget))  # as if the server ran at it
+    assert [request_keep_ratio(r, 0.2, 0.2, c) for r, c in zip(server, curves)] == list(server)  # exactly
+    below = [request_keep_ratio(r, 0.2, 0.02, curve) for r, curve in zip(server, curves)]
+    assert below == pytest.approx([0.02] * 3)  # below the measured range: the lowest allocation, shrunk

@@ -23,6 +23,7 @@ from vllm.v1.core.kv_cache_utils import _get_kv_cache_groups_uniform_page_size  
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec  # noqa: E402
 
+from prefixkv_vllm.policy.costs import allocate_by_cost  # noqa: E402
 from prefixkv_vllm.policy.layers import describe_layer_kinds, full_attention_layers  # noqa: E402
 from prefixkv_vllm.policy.paged import peak_live_blocks  # noqa: E402
 from prefixkv_vllm.policy.profile import ModelIdentity, Profile, ProfileError  # noqa: E402
@@ -89,6 +90,21 @@ def test_only_full_attention_layers_get_the_prefixkv_spec():
     ]  # fmt: skip
     assert converted["model.layers.1.self_attn.attn"] is specs["model.layers.1.self_attn.attn"]  # vLLM's own, untouched
     assert [converted[f"model.layers.{i}.self_attn.attn"].keep_ratio for i in (0, 3)] == [0.3, 0.1]
+
+
+def test_a_loss_profile_gives_each_layer_its_curve_for_request_budgets():
+    # The scheduler (manager, admission) and the worker (backend) read a request's ratio from the spec.
+    costs = torch.tensor([[1.0, 0.5, 0.2], [0.1, 0.05, 0.01]], dtype=torch.float64)
+    profile = Profile(ModelIdentity("m", 2, 1, 64, layers=(0, 3)), "snapkv", {0.3: allocate_by_cost((0.1, 0.3, 0.6), costs, 0.3)},
+                      {"criterion": "loss", "loss_ratios": [0.1, 0.3, 0.6], "kl_per_layer": costs.tolist()})  # fmt: skip
+    config = hybrid_config((0, 3), profile.keep_ratios(0.3)).with_keep_ratios(profile.keep_ratios(0.3), profile.ratio_curves())
+    specs = attention_specs(["full_attention", "sliding_attention", "sliding_attention", "full_attention"])
+    converted = layer_specs(specs, config, prefix_caching=False)
+    compressed = [converted[f"model.layers.{i}.self_attn.attn"] for i in (0, 3)]
+    assert [spec.request_ratio(0.5) for spec in compressed] == pytest.approx(profile.keep_ratios(0.5))
+    assert [spec.request_ratio(0.3) for spec in compressed] == list(profile.keep_ratios(0.3))
+    without = layer_specs(specs, hybrid_config((0, 3), profile.keep_ratios(0.3)), prefix_caching=False)
+    assert without["model.layers.0.self_attn.attn"].ratio_curve == ()  # rescaled, as before
 
 
 def test_start_up_and_worker_must_agree_on_the_compressed_layers():

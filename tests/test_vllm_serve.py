@@ -103,6 +103,18 @@ def test_request_budget_one_reproduces_stock_on_a_compressing_server(stock_token
     assert differs_at_server_budget > 0  # the server's own budget does change answers
 
 
+def test_request_budget_gets_the_allocation_of_a_server_at_that_budget(model, log_dir, compressed):
+    # With a loss profile each layer's spec carries its allocation curve (policy.costs), so
+    # the scheduler and the worker both move a request's layers to the profile's allocation
+    # at its own budget: the same ratios, so the same greedy tokens, as a server at it.
+    prompts = [LONG_PROMPTS[0], CHAT_PROMPTS[4]]
+    with serve(model, "--kv-policy", "prefixkv", "--kv-budget", "0.5", *DEFAULT_PROFILE, log_dir=log_dir) as half:
+        expected = [greedy_tokens(half, prompt, max_tokens=24) for prompt in prompts]
+    for prompt, tokens in zip(prompts, expected):
+        assert greedy_tokens(compressed, prompt, max_tokens=24, vllm_xargs={"kv_budget": 0.5}) == tokens, prompt[:60]
+    assert any(greedy_tokens(compressed, p, max_tokens=24) != e for p, e in zip(prompts, expected))  # 0.2 differs
+
+
 @pytest.mark.parametrize(
     "xargs, message",
     [
@@ -147,6 +159,7 @@ def test_start_up_log_reports_ratios_saving_and_backend(compressed):
     log = compressed.log()
     assert "PrefixKV: 30 compressed layers run prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend" in log
     assert "PrefixKV: policy=prefixkv budget=0.2" in log
+    assert "(request budgets: from the loss costs)" in log  # the default profile is a loss profile
     line = next(line for line in log.splitlines() if "keep ratios per layer" in line)
     ratios = [float(r) for r in line.split("keep ratios per layer: ")[1].split(";")[0].split()]
     assert len(ratios) == 30 and abs(sum(ratios) / 30 - 0.2) < 0.01

@@ -50,9 +50,12 @@ keep some recent shared blocks whole instead of the best-scored tokens. The run
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from .costs import ratio_at
 
 DECODE_MODES = ("off", "fifo", "scored")
 
@@ -158,13 +161,24 @@ def shared_prefix_blocks(prompt_len: int, budget: float, layout: PagedLayout) ->
     return full - kept_prompt_blocks(prompt_len, budget, layout.block_size, layout.sink, layout.recent)
 
 
-def request_keep_ratio(layer_ratio, server_budget: float, request_budget: float):
+def request_keep_ratio(layer_ratio, server_budget: float, request_budget: float, curve=()):
     """A layer's ratio for a request with its own budget: the layers' mean moves from one budget to the other.
 
-    Below the server's budget every layer shrinks in proportion; above it every layer
-    moves the same fraction of the way to 1, so a request budget of 1 keeps every layer
-    whole. Either way the per-layer shape of the allocation is kept.
+    With the layer's ``curve`` (``costs.allocation_curves``, from a loss profile), the
+    ratio is the loss allocation's at the request's budget, as if the server ran at it;
+    below the curve's first budget, that first allocation shrinks in proportion. Without
+    one, the per-layer shape of the server's allocation is kept: below the server's
+    budget every layer shrinks in proportion, above it every layer moves the same
+    fraction of the way to 1. Either way a request budget of 1 keeps every layer whole,
+    and the server's own budget gives ``layer_ratio`` exactly.
     """
+    if math.isclose(request_budget, server_budget, rel_tol=0.0, abs_tol=1e-12):
+        return layer_ratio
+    if curve:
+        lowest = curve[0][0]
+        if request_budget < lowest:
+            return ratio_at(curve, lowest) * request_budget / lowest
+        return ratio_at(curve, request_budget)
     if request_budget <= server_budget:
         return layer_ratio * request_budget / server_budget
     return layer_ratio + (1.0 - layer_ratio) * (request_budget - server_budget) / (1.0 - server_budget)

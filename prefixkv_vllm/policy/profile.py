@@ -73,20 +73,32 @@ class Profile:
         for entry_budget, ratios in self.entries.items():
             if math.isclose(entry_budget, budget, abs_tol=1e-9):
                 return ratios
-        if "kl_per_layer" in self.provenance:
-            import torch
+        curves = self.ratio_curves()
+        if curves is None:
+            available = ", ".join(f"{b:g}" for b in sorted(self.entries))
+            raise ProfileError(f"profile has no entry for budget {budget:g} (it has: {available})")
+        if not curves[0][0][0] <= budget <= 1.0:
+            lowest = curves[0][0][0]
+            raise ProfileError(f"loss profile cannot allocate budget {budget:g}: budget {budget:g} is outside [{lowest:g}, 1] (its smallest measured ratio)")
+        from .costs import ratio_at
 
-            from .costs import allocate_by_cost
+        return tuple(ratio_at(curve, budget) for curve in curves)
 
-            try:
-                costs = torch.tensor(self.provenance["kl_per_layer"], dtype=torch.float64)
-                if costs.shape[0] != self.model.num_layers:
-                    raise ValueError(f"its costs cover {costs.shape[0]} layers, not {self.model.num_layers}")
-                return allocate_by_cost(self.provenance["loss_ratios"], costs, budget)
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ProfileError(f"loss profile cannot allocate budget {budget:g}: {exc}") from None
-        available = ", ".join(f"{b:g}" for b in sorted(self.entries))
-        raise ProfileError(f"profile has no entry for budget {budget:g} (it has: {available})")
+    def ratio_curves(self) -> tuple[tuple[tuple[float, float], ...], ...] | None:
+        """A loss profile's allocation at every budget, per layer (``costs.allocation_curves``); None for other profiles."""
+        if "kl_per_layer" not in self.provenance:
+            return None
+        import torch
+
+        from .costs import allocation_curves
+
+        try:
+            costs = torch.tensor(self.provenance["kl_per_layer"], dtype=torch.float64)
+            if costs.shape[0] != self.model.num_layers:
+                raise ValueError(f"its costs cover {costs.shape[0]} layers, not {self.model.num_layers}")
+            return allocation_curves(self.provenance["loss_ratios"], costs)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProfileError(f"loss profile has unusable costs: {exc}") from None
 
     def check_model(self, layers: Sequence[int], num_kv_heads: int, head_dim: int) -> None:
         """``layers``: the indices of the model's compressed (full-attention) layers."""

@@ -55,6 +55,9 @@ class PrefixKVConfig:
     # and one keep ratio per compressed layer (profile or calibration), in that order.
     layers: tuple[int, ...] | None = None
     keep_ratios: tuple[float, ...] | None = None
+    # With a loss profile, also each layer's ratio at any request budget (knots (budget,
+    # ratio), policy.costs.allocation_curves); None: request budgets rescale keep_ratios.
+    ratio_curves: tuple[tuple[tuple[float, float], ...], ...] | None = None
 
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
@@ -94,6 +97,8 @@ class PrefixKVConfig:
         kwargs = {name: data[f"kv_{name}"] for name in names if f"kv_{name}" in data}
         if kwargs.get("keep_ratios") is not None:
             kwargs["keep_ratios"] = tuple(float(r) for r in kwargs["keep_ratios"])
+        if kwargs.get("ratio_curves") is not None:
+            kwargs["ratio_curves"] = tuple(tuple((float(b), float(r)) for b, r in curve) for curve in kwargs["ratio_curves"])
         if kwargs.get("layers") is not None:
             kwargs["layers"] = tuple(int(i) for i in kwargs["layers"])
         if isinstance(kwargs.get("budget"), (int, float)) and not isinstance(kwargs.get("budget"), bool):
@@ -106,5 +111,5 @@ class PrefixKVConfig:
             for f in dataclasses.fields(self)
         }
 
-    def with_keep_ratios(self, ratios: tuple[float, ...]) -> PrefixKVConfig:
-        return dataclasses.replace(self, keep_ratios=tuple(ratios))
+    def with_keep_ratios(self, ratios: tuple[float, ...], curves=None) -> PrefixKVConfig:
+        return dataclasses.replace(self, keep_ratios=tuple(ratios), ratio_curves=curves)

@@ -24,7 +24,7 @@ from ..policy.paged import PagedLayout, live_blocks, request_keep_ratio, shared_
 from .request_options import SCHEDULER_BUDGETS
 
 # The fields PrefixKV adds; layers that differ in any of them need their own KV-cache group.
-_PREFIXKV_FIELDS = ("keep_ratio", "sink", "recent", "budget", "decode", "interval", "prefix_caching")
+_PREFIXKV_FIELDS = ("keep_ratio", "sink", "recent", "budget", "ratio_curve", "decode", "interval", "prefix_caching")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +33,9 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
     sink: int = 1
     recent: int = 1
     budget: float = 1.0  # the server's mean budget over layers, which per-request budgets rescale
+    # The layer's ratio at any request budget, as knots (budget, ratio) of the loss
+    # allocation (policy.costs.allocation_curves); empty: per-request budgets rescale keep_ratio.
+    ratio_curve: tuple[tuple[float, float], ...] = ()
     decode: str = "off"  # decode-time eviction mode (policy.paged.DECODE_MODES)
     interval: int = 128  # generated tokens between decode rounds
     prefix_caching: bool = False  # vLLM's prefix caching is on
@@ -49,7 +52,7 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         """The layer's keep ratio at the server's budget or at a request's own."""
         if request_budget is None:
             return self.keep_ratio
-        return request_keep_ratio(self.keep_ratio, self.budget, request_budget)
+        return request_keep_ratio(self.keep_ratio, self.budget, request_budget, self.ratio_curve)
 
     def shared_blocks(self, prompt_len: int, request_budget: float | None = None) -> int | None:
         """The request's write-once prefix in blocks (``policy.paged.shared_prefix_blocks``), at the server's budget or its own."""

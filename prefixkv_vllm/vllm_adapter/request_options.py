@@ -2,10 +2,12 @@
 ``SamplingParams(extra_args={"kv_budget": 0.5})`` offline.
 
 A request's ``kv_budget`` moves the mean of its per-layer keep ratios from the
-server's ``--kv-budget`` to its own while keeping their per-layer shape
-(``policy.paged.request_keep_ratio``); ``kv_budget: 1`` keeps the request's whole
-prompt cache. Bad values are rejected where vLLM validates sampling parameters,
-which the OpenAI server answers with HTTP 400. Only the key this project owns
+server's ``--kv-budget`` to its own (``policy.paged.request_keep_ratio``): with a loss
+profile (the default calibration) to the allocation the profile's costs give at that
+budget, as if the server ran at it; otherwise keeping the per-layer shape of the
+server's ratios. ``kv_budget: 1`` keeps the request's whole prompt cache. Bad values
+are rejected where vLLM validates sampling parameters, which the OpenAI server answers
+with HTTP 400. Only the key this project owns
 (``kv_budget``) is read: ``extra_args`` is shared with vLLM itself
 (``kv_transfer_params`` for KV connectors) and with other plugins, so any other key,
 ``kv_``-prefixed or not, passes through untouched. Without ``--kv-policy`` the plugin

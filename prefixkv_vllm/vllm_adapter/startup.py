@@ -9,6 +9,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from ..policy import Profile, ProfileError
+from ..policy.costs import ratio_at
 from ..policy.layers import describe_layer_kinds, full_attention_layers
 from ..policy.paged import evicted_tokens
 from .config import PrefixKVConfig, PrefixKVConfigError
@@ -45,7 +46,7 @@ def configure_engine(vllm_config) -> None:
     if config.tiers and len(layers) % config.tiers:
         raise PrefixKVConfigError(f"--kv-tiers {config.tiers} must divide the model's {_layer_count(layers, num_layers)} evenly")
     if config.keep_ratios is None:
-        config = config.with_keep_ratios(_keep_ratios(config, vllm_config, layers))
+        config = config.with_keep_ratios(*_keep_ratios(config, vllm_config, layers))
     elif len(config.keep_ratios) != len(layers):
         raise PrefixKVConfigError(f"kv_keep_ratios has {len(config.keep_ratios)} entries for {_layer_count(layers, num_layers)}")
     block_size = vllm_config.cache_config.block_size
@@ -126,18 +127,19 @@ def select_attention_backend(vllm_config) -> None:
     attention.backend_per_kind = {**attention.backend_per_kind, kind: AttentionBackendEnum.CUSTOM}
 
 
-def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]) -> tuple[float, ...]:
-    """One keep ratio per compressed layer, in the order of ``layers``."""
+def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]):
+    """One keep ratio per compressed layer, in the order of ``layers``, and, from a loss
+    profile, each layer's ratio curve over request budgets (else None)."""
     model_config = vllm_config.model_config
     if config.profile is not None:
         try:
             profile = Profile.load(config.profile)
             profile.check_model(layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
-            return profile.keep_ratios(config.budget)
+            return profile.keep_ratios(config.budget), profile.ratio_curves()
         except ProfileError as exc:
             raise PrefixKVConfigError(f"--kv-profile {config.profile}: {exc}") from None
     if config.policy in ("uniform", "streaming") or config.budget >= 1.0:
-        return (config.budget,) * len(layers)  # a full budget keeps every layer whole: nothing to calibrate
+        return (config.budget,) * len(layers), None  # a full budget keeps every layer whole: nothing to calibrate
     from ..tools.calibrate import cached_calibration
 
     try:
@@ -145,7 +147,7 @@ def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]) -
     except ValueError as exc:  # a budget the loss criterion has not measured
         raise PrefixKVConfigError(f"--kv-criterion {config.criterion}: {exc}") from None
     profile.check_model(layers, model_config.get_total_num_kv_heads(), model_config.get_head_size())
-    return profile.keep_ratios(config.budget)
+    return profile.keep_ratios(config.budget), profile.ratio_curves()
 
 
 def _log_plan(config: PrefixKVConfig, block_size: int, num_layers: int) -> None:
@@ -167,13 +169,16 @@ def _log_plan(config: PrefixKVConfig, block_size: int, num_layers: int) -> None:
         allocation = f"calibrated ({config.criterion} criterion)"
     else:
         allocation = "uniform"
+    requests = "from the loss costs" if config.ratio_curves else "rescaled"
     logger.info(
-        "PrefixKV: policy=%s budget=%g scorer=%s allocation=%s decode=%s (every %d tokens); compressed: %s; "
-        "keep ratios per layer: %s; a %d-token prompt frees %.0f%% of their KV cache after prefill (block size %d)",
+        "PrefixKV: policy=%s budget=%g scorer=%s allocation=%s (request budgets: %s) decode=%s (every %d tokens); "
+        "compressed: %s; keep ratios per layer: %s; a %d-token prompt frees %.0f%% of their KV cache after prefill "
+        "(block size %d)",
         config.policy,
         config.budget,
         config.scorer,
         allocation,
+        requests,
         config.decode,
         config.decode_interval,
         compressed,
@@ -197,9 +202,11 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_ca
             f"start-up planned to compress the full-attention layers {list(config.layers)}, "
             f"but the model built full attention in layers {sorted(full)}"
         )
-    ratios = _tiered(config.keep_ratios, config.tiers)
+    tiers = _tiers(config.keep_ratios, config.tiers)
+    ratios = _tier_means(config.keep_ratios, tiers)
+    curves = _tier_curves(config.ratio_curves, tiers) if config.ratio_curves else [()] * len(ratios)
     converted = dict(specs)
-    for index, ratio in zip(config.layers, ratios):
+    for index, ratio, curve in zip(config.layers, ratios, curves):
         name = full[index]
         fields = {f.name: getattr(specs[name], f.name) for f in dataclasses.fields(FullAttentionSpec) if f.init}
         converted[name] = PrefixKVAttentionSpec(
@@ -208,6 +215,7 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_ca
             sink=config.sink,
             recent=config.recent,
             budget=config.budget,
+            ratio_curve=curve,
             decode=config.decode,
             interval=config.decode_interval,
             prefix_caching=prefix_caching,
@@ -215,16 +223,34 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_ca
     return converted
 
 
-def _tiered(ratios: tuple[float, ...], tiers: int) -> list[float]:
-    """Layers sorted by ratio and cut into ``tiers`` equal groups, each at its mean ratio."""
+def _tiers(ratios: tuple[float, ...], tiers: int) -> list[list[int]]:
+    """The layers of each KV-cache group: sorted by ratio and cut into ``tiers`` equal groups (0: one each)."""
     if not tiers or tiers >= len(ratios) or len(set(ratios)) == 1:
-        return list(ratios)
+        return [[layer] for layer in range(len(ratios))]
     order = sorted(range(len(ratios)), key=lambda layer: ratios[layer])
     size = len(ratios) // tiers
+    return [order[start : start + size] for start in range(0, len(order), size)]
+
+
+def _tier_means(ratios: tuple[float, ...], tiers: list[list[int]]) -> list[float]:
+    """Each layer at its tier's mean ratio."""
     tiered = list(ratios)
-    for start in range(0, len(order), size):
-        members = order[start : start + size]
+    for members in tiers:
         mean = sum(ratios[m] for m in members) / len(members)
+        for m in members:
+            tiered[m] = mean
+    return tiered
+
+
+def _tier_curves(curves, tiers: list[list[int]]) -> list[tuple[tuple[float, float], ...]]:
+    """Each layer on its tier's mean curve: the members' mean ratio at the union of their knots,
+    so that a request budget moves the tiers as it would move the layers on average."""
+    tiered = list(curves)
+    for members in tiers:
+        if len(members) == 1:
+            continue
+        budgets = sorted({b for m in members for b, _ in curves[m]})
+        mean = tuple((b, sum(ratio_at(curves[m], b) for m in members) / len(members)) for b in budgets)
         for m in members:
             tiered[m] = mean
     return tiered
