@@ -16,8 +16,8 @@ fast the machine decodes), so a second phase makes preemption certain: on the id
 engine, ``pressure_requests`` requests at ``kv_budget: 1`` (nothing evicted) and one
 more at the server's budget arrive together, with prompts that fit the pool side by side
 and generations that do not. The caller sizes them from its pool. vLLM preempts the
-request it admitted last, often the compressed one, which then resumes past its decode
-rounds (the catch-up compaction). The phase is checked like the ``ok`` requests.
+running request it admitted last; when that is the compressed one, it resumes past its
+decode rounds (the catch-up compaction). The phase is checked like the ``ok`` requests.
 """
 
 from __future__ import annotations
