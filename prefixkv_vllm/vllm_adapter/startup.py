@@ -127,7 +127,7 @@ def select_attention_backend(vllm_config) -> None:
     attention.backend_per_kind = {**attention.backend_per_kind, kind: AttentionBackendEnum.CUSTOM}
 
 
-def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]):
+def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]) -> tuple[tuple[float, ...], tuple | None]:
     """One keep ratio per compressed layer, in the order of ``layers``, and, from a loss
     profile, each layer's ratio curve over request budgets (else None)."""
     model_config = vllm_config.model_config
