@@ -344,6 +344,14 @@ def _interval(value: tuple[float, float, float] | None) -> str:
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]{verdict}"
 
 
+def comparison_lines(compared: list[dict]) -> list[str]:
+    """Table rows for ``comparisons``: configuration, baseline, Δ ROUGE-L, Δ needle accuracy."""
+    return [
+        f"| {c['name']} | {c['baseline']} | {_interval(c['rouge'])} (n={c['n']}) | {_interval(c['needle'])} (n={c['needle_n']}) |"
+        for c in compared
+    ]
+
+
 def markdown(rows, prompts, args, header) -> str:
     kinds = sorted({p["kind"] for p in prompts})
     lines = [header, ""]
@@ -380,8 +388,7 @@ def markdown(rows, prompts, args, header) -> str:
             "| configuration | compared with | Δ ROUGE-L (all prompts) | Δ needle accuracy (needle prompts) |",
             "|---|---|---|---|",
         ]
-        for c in compared:
-            lines.append(f"| {c['name']} | {c['baseline']} | {_interval(c['rouge'])} (n={c['n']}) | {_interval(c['needle'])} (n={c['needle_n']}) |")
+        lines += comparison_lines(compared)
     return "\n".join(lines) + "\n"
 
 

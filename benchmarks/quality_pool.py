@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from quality import _interval, comparisons, mean_sem  # noqa: E402
+from quality import comparison_lines, comparisons, mean_sem  # noqa: E402
 
 # Figures of one run, which do not pool as they are.
 _PER_RUN = ("wall_s", "rouge_by_kind", "kept_hits", "kept_n", "identical", "n", "generate_s", "foreign_share")
@@ -58,8 +58,7 @@ def markdown(rows: list[dict], sources: list[str]) -> str:
         per_run = "; ".join(f"{rouge:.3f}, {hits}/{n}" for rouge, hits, n in row["per_run"])
         lines.append(f"| {row['name']} | {len(row['rouge_per_prompt'])} | {row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f} | {row['needle_hits']}/{row['needle_n']} | {per_run} |")
     lines += ["", "| configuration | compared with | Δ ROUGE-L | Δ needle accuracy |", "|---|---|---|---|"]
-    for c in comparisons(rows):
-        lines.append(f"| {c['name']} | {c['baseline']} | {_interval(c['rouge'])} (n={c['n']}) | {_interval(c['needle'])} (n={c['needle_n']}) |")
+    lines += comparison_lines(comparisons(rows))
     return "\n".join(lines) + "\n"
 
 

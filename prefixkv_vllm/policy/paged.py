@@ -175,9 +175,9 @@ def request_keep_ratio(layer_ratio, server_budget: float, request_budget: float,
     if math.isclose(request_budget, server_budget, rel_tol=0.0, abs_tol=1e-12):
         return layer_ratio
     if curve:
-        lowest = curve[0][0]
+        (lowest, first_ratio) = curve[0]
         if request_budget < lowest:
-            return ratio_at(curve, lowest) * request_budget / lowest
+            return first_ratio * request_budget / lowest
         return ratio_at(curve, request_budget)
     if request_budget <= server_budget:
         return layer_ratio * request_budget / server_budget

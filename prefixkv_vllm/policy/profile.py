@@ -77,12 +77,12 @@ class Profile:
         if curves is None:
             available = ", ".join(f"{b:g}" for b in sorted(self.entries))
             raise ProfileError(f"profile has no entry for budget {budget:g} (it has: {available})")
-        if not curves[0][0][0] <= budget <= 1.0:
-            lowest = curves[0][0][0]
-            raise ProfileError(f"loss profile cannot allocate budget {budget:g}: budget {budget:g} is outside [{lowest:g}, 1] (its smallest measured ratio)")
         from .costs import ratio_at
 
-        return tuple(ratio_at(curve, budget) for curve in curves)
+        try:
+            return tuple(ratio_at(curve, budget) for curve in curves)
+        except ValueError as exc:  # below its smallest measured ratio
+            raise ProfileError(f"loss profile cannot allocate budget {budget:g}: {exc}") from None
 
     def ratio_curves(self) -> tuple[tuple[tuple[float, float], ...], ...] | None:
         """A loss profile's allocation at every budget, per layer (``costs.allocation_curves``); None for other profiles."""
