@@ -15,12 +15,13 @@ from the cache only while its content is what its hash stands for.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
-from ..policy.paged import PagedLayout, live_blocks, request_keep_ratio, shared_prefix_blocks
+from ..policy.paged import PagedLayout, last_event, live_blocks, request_keep_ratio, shared_prefix_blocks
 from .request_options import SCHEDULER_BUDGETS
 
 # The fields PrefixKV adds; layers that differ in any of them need their own KV-cache group.
@@ -44,7 +45,7 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
     def prefixkv_settings(self) -> tuple:
         return tuple(getattr(self, name) for name in _PREFIXKV_FIELDS)
 
-    @property
+    @functools.cached_property  # read for every request, group and step
     def layout(self) -> PagedLayout:
         return PagedLayout(self.block_size, self.sink, self.recent, self.decode, self.interval, self.prefix_caching)
 
@@ -79,20 +80,45 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
 
 
 class PrefixKVAttentionManager(FullAttentionManager):
+    """Frees each request's blocks before its live run, and hashes only its write-once prefix.
+
+    The scheduler asks every group's manager about every running request at every
+    step, while a request's run moves only at its layout events (``policy.paged``,
+    invariant 5) and its write-once prefix never changes. So both are kept per request
+    until its blocks are freed (it finished or was preempted: a resumed one starts over).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._freed_at: dict[str, int] = {}  # request -> the layout event its blocks were last freed for
+        self._hash_cap: dict[str, int | None] = {}  # request -> shared_prefix_tokens
+
     def remove_skipped_blocks(
         self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
     ) -> None:
         if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
             return  # the worker compacts in the step that finishes the prompt
         spec: PrefixKVAttentionSpec = self.kv_cache_spec
+        event = last_event(num_prompt_tokens, processed_computed_tokens, spec.layout)
+        if self._freed_at.get(request_id) == event:
+            return
         ratio = spec.request_ratio(SCHEDULER_BUDGETS.get(request_id))
-        start, _ = live_blocks(num_prompt_tokens, processed_computed_tokens, ratio, spec.layout)
-        # Walks backwards and stops at the first freed block, so repeats are no-ops.
+        start, _ = live_blocks(num_prompt_tokens, event, ratio, spec.layout)
+        # Walks backwards and stops at the first freed block.
         self._remove_blocks_in_range(request_id, 0, start)
+        self._freed_at[request_id] = event
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
-        cap = shared_prefix_tokens(self.kv_cache_spec, request)
+        if request.request_id not in self._hash_cap:
+            self._hash_cap[request.request_id] = shared_prefix_tokens(self.kv_cache_spec, request)
+        cap = self._hash_cap[request.request_id]
         super().cache_blocks(request, num_tokens if cap is None else min(num_tokens, cap), *args, **kwargs)
+
+    def pop_blocks_for_free(self, request_id: str):
+        # Every way vLLM frees a request (free, and the coordinator's batched free) comes here.
+        self._freed_at.pop(request_id, None)
+        self._hash_cap.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
 
 def shared_prefix_tokens(spec: PrefixKVAttentionSpec, request) -> int | None:

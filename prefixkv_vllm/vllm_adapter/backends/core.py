@@ -164,8 +164,9 @@ def plan_step(
     seq_host = seq_lens_cpu[:num_reqs].numpy().astype(np.int64)
     starts = query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
     computed = seq_host - (starts[1:] - starts[:-1])
-    start_before, _ = live_blocks(prompt_lens, computed, ratios, layout)
-    start_after, end_after = live_blocks(prompt_lens, seq_host, ratios, layout)
+    # Before and after the step in one call: this runs for every group at every step.
+    run_starts, run_ends = live_blocks(np.tile(prompt_lens, 2), np.concatenate([computed, seq_host]), np.tile(ratios, 2), layout)
+    start_before, start_after, end_after = run_starts[:num_reqs], run_starts[num_reqs:], run_ends[num_reqs:]
     kept = kept_prompt_blocks(prompt_lens, ratios, layout.block_size, layout.sink, layout.recent)
     start_before[known:] = start_after[known:] = 0
 
@@ -242,7 +243,7 @@ def _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, rati
     """
     prompt_lens, computed, seq_host = prompt_lens[:known], computed[:known], seq_host[:known]
     rows = []
-    if policy.scorer.needs_attention:
+    if policy.scorer.needs_attention and (computed < prompt_lens).any():
         first_query = np.array([policy.scorer.min_query_pos(int(p)) for p in prompt_lens], dtype=np.int64)
         first = np.maximum(computed, first_query)
         last = np.minimum(seq_host, prompt_lens)
