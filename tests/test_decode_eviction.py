@@ -306,3 +306,31 @@ class TestAdmission:
         whole = self.admission([1.0, 1.0], [self.request("a", 1024, 512)])
         newcomer = self.request("b", 1024, 512)
         assert compressed.reserved_for(newcomer, 1024) < 0.5 * whole.reserved_for(newcomer, 1024)
+
+
+@pytest.mark.parametrize("decode", ["off", "fifo"])
+def test_scheduler_manager_frees_what_the_layout_says_at_every_step(decode):
+    # The manager memoises each request's last freed event; the blocks it holds must
+    # still be exactly the live run at every step, and a preempted request (all its
+    # blocks freed, then recomputed from scratch) must be freed again as it resumes.
+    from vllm.v1.core.block_pool import BlockPool
+
+    from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionManager
+
+    spec = layer_spec(0.25, decode)
+    pool = BlockPool(num_gpu_blocks=400, enable_caching=False, hash_block_size=BLOCK)
+    manager = PrefixKVAttentionManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=BLOCK)
+    prompt = 61
+
+    def run(until):
+        for processed in range(0, until):
+            manager.remove_skipped_blocks("r", processed, prompt)
+            manager.allocate_new_blocks("r", processed + 1, processed + 1)
+            start, _ = live_blocks(prompt, processed, 0.25, spec.layout)
+            held = [b for b in manager.req_to_blocks["r"] if not b.is_null]
+            assert len(held) == math.ceil((processed + 1) / BLOCK) - start, processed
+
+    run(prompt + 3)
+    manager.free("r")  # preempted in the same layout event the resumed request reaches first
+    assert pool.get_num_free_blocks() == 400 - 1  # the pool's null block
+    run(prompt + 5 * INTERVAL + 3)

@@ -60,9 +60,10 @@ probing ``merge()`` across kinds and catching ``AssertionError``, ``FullAttentio
 ``is_uniform_with_collection``, ``FullAttentionManager._remove_blocks_in_range`` and
 ``remove_skipped_blocks``' call on the processed-token count, ``cache_blocks`` (the
 manager hashes the full blocks up to a token count; ``PrefixKVAttentionManager``
-lowers it), ``SingleTypeKVCacheManager.pop_blocks_for_free`` being where every free of a
-request's blocks passes (the manager drops its per-request memo there) and ``get_computed_blocks`` asking the coordinator once per request for
-its longest hit, ``Scheduler.running``
+lowers it), ``SingleTypeKVCacheManager.pop_blocks_for_free`` being where every free of
+a request's blocks passes (the manager drops its per-request memo there) and
+``get_computed_blocks`` asking the coordinator once per request for its longest hit,
+``Scheduler.running``
 (mutated in place), ``Request.max_tokens``, ``InputBatch.num_computed_tokens_cpu``, the
 CPU and FlashAttention backends' builder ``build`` and impl ``forward``,
 ``CommonAttentionMetadata.replace``, ``InputBatch.num_prompt_tokens``,
