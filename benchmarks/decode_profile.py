@@ -69,7 +69,7 @@ def run_config(settings: dict, args) -> dict:
     total = args.warm + 2 * args.steps + 1
     max_len = args.prompt_len + total + BLOCK_SIZE
     per_request = -(-max_len // BLOCK_SIZE) * BLOCK_SIZE
-    head_dim = hf.hidden_size // hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     token_bytes = hf.num_hidden_layers * 2 * hf.num_key_value_heads * head_dim * 4  # fp32 K and V
     llm = LLM(
         model, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE, max_model_len=max_len,
