@@ -30,8 +30,12 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-BLOCK_SIZE = 32
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from memory import BLOCK_SIZE  # noqa: E402
+
 CONFIGS = {
     "stock": {},
     "uniform@0.2": {"kv_policy": "uniform", "kv_budget": 0.2},
@@ -58,23 +62,21 @@ def kind(name: str) -> str:
 def run_config(settings: dict, args) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
-    from transformers import AutoConfig
+    from memory import model_layout
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from prefixkv_vllm.tools.demo_model import demo_model_path
 
     model = str(demo_model_path())
-    hf = AutoConfig.from_pretrained(model)
+    layout = model_layout(model)
     total = args.warm + 2 * args.steps + 1
     max_len = args.prompt_len + total + BLOCK_SIZE
-    per_request = -(-max_len // BLOCK_SIZE) * BLOCK_SIZE
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    token_bytes = hf.num_hidden_layers * 2 * hf.num_key_value_heads * head_dim * 4  # fp32 K and V
+    request_bytes = -(-max_len // BLOCK_SIZE) * layout["num_layers"] * layout["page_bytes"]  # every layer's blocks
     llm = LLM(
         model, dtype="float32", enforce_eager=True, block_size=BLOCK_SIZE, max_model_len=max_len,
         enable_prefix_caching=False, max_num_seqs=args.batch,
-        kv_cache_memory_bytes=per_request * args.batch * token_bytes * 11 // 10,
+        kv_cache_memory_bytes=request_bytes * args.batch * 11 // 10,
         additional_config=settings,
     )  # fmt: skip
     engine = llm.llm_engine
@@ -110,7 +112,8 @@ def run_config(settings: dict, args) -> dict:
     top = []
     for event in profiler.key_averages():
         self_ms = event.self_cpu_time_total / 1e3 / args.steps
-        buckets[kind(event.key)] = buckets.get(kind(event.key), 0.0) + self_ms
+        label = kind(event.key)
+        buckets[label] = buckets.get(label, 0.0) + self_ms
         top.append((self_ms, event.key))
     buckets["Python and the rest"] = profiled_ms - sum(buckets.values())
     return {

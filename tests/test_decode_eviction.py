@@ -20,6 +20,7 @@ from prefixkv_vllm.policy import build_policy  # noqa: E402
 from prefixkv_vllm.policy.paged import (  # noqa: E402
     PagedLayout,
     kept_prompt_blocks,
+    last_event,
     live_blocks,
     peak_live_blocks,
     shared_prefix_blocks,
@@ -69,18 +70,19 @@ class TestLayout:
         assert start == prompt // BLOCK - kept_prompt_blocks(prompt, ratio, BLOCK, 1, RECENT)  # off: only the prompt
 
     @pytest.mark.parametrize("decode", ["off", "fifo"])
-    def test_one_request_memoised_equals_the_arrays(self, decode):
-        # The scheduler's scalar calls are memoised on the last event (invariant 5); the
-        # worker's array calls are not. Every (prompt, computed, ratio) must agree.
+    def test_layout_stands_between_events(self, decode):
+        # Invariant 5, which the scheduler's managers rely on to free once per event:
+        # the layout after c tokens is the layout at last_event(c).
         rng = np.random.default_rng(0)
         layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=INTERVAL)
         prompts = rng.integers(0, 300, 400)
         computed = prompts + rng.integers(-50, 500, 400).clip(-prompts)
         ratios = rng.choice([0.05, 0.1, 0.2, 0.37, 0.5, 0.9, 1.0], 400)
         starts, ends = live_blocks(prompts, computed, ratios, layout)
-        for i in range(400):  # twice: the second read comes from the memo
-            for _ in range(2):
-                assert live_blocks(int(prompts[i]), int(computed[i]), float(ratios[i]), layout) == (starts[i], ends[i])
+        for i in range(400):
+            event = last_event(int(prompts[i]), int(computed[i]), layout)
+            assert event <= computed[i]
+            assert live_blocks(int(prompts[i]), event, float(ratios[i]), layout) == (starts[i], ends[i])
 
     def test_full_ratio_never_frees(self):
         layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=INTERVAL)

@@ -23,7 +23,7 @@ Invariants this relies on (vLLM 0.32, V1 engine):
    the blocks from ``compressed_end`` on hold the most recent tokens in place.
 5. The layout changes only at the events below (the prompt's end, each decode
    round) and stands between them, so it is a function of the last event at or
-   before ``c`` (``last_event``). One request's layout is memoised on that.
+   before ``c`` (``last_event``); the scheduler's managers free once per event.
 
 How the run moves:
 
@@ -53,7 +53,6 @@ keep some recent shared blocks whole instead of the best-scored tokens. The run
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -62,7 +61,6 @@ import numpy as np
 from .costs import ratio_at
 
 DECODE_MODES = ("off", "fifo", "scored")
-_SCALARS = (int, float, np.integer, np.floating)
 
 
 @dataclass(frozen=True)
@@ -108,29 +106,6 @@ def live_blocks(prompt_len, computed, keep_ratio, layout: PagedLayout):
     compacted kept tokens; blocks from ``compressed_end`` on hold recent tokens in
     place. Scalars or numpy arrays (broadcast).
     """
-    if isinstance(prompt_len, _SCALARS) and isinstance(computed, _SCALARS) and isinstance(keep_ratio, _SCALARS):
-        # The scheduler asks this for every request, group and step: one request's
-        # layout is memoised on its last event (invariant 5).
-        event = last_event(int(prompt_len), int(computed), layout)
-        return _request_live_blocks(int(prompt_len), event, float(keep_ratio), layout)
-    return _live_blocks(prompt_len, computed, keep_ratio, layout)
-
-
-def last_event(prompt_len: int, computed: int, layout: PagedLayout) -> int:
-    """The processed-token count at which the layout of ``computed`` tokens was last set (invariant 5)."""
-    if computed < prompt_len:
-        return 0
-    if layout.decode == "off":
-        return prompt_len
-    return prompt_len + (computed - prompt_len) // layout.interval * layout.interval
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _request_live_blocks(prompt_len: int, event: int, keep_ratio: float, layout: PagedLayout) -> tuple[int, int]:
-    return _live_blocks(prompt_len, event, keep_ratio, layout)
-
-
-def _live_blocks(prompt_len, computed, keep_ratio, layout: PagedLayout):
     bs = layout.block_size
     prompt_len = np.asarray(prompt_len, dtype=np.int64)
     computed = np.asarray(computed, dtype=np.int64)
@@ -156,6 +131,15 @@ def _live_blocks(prompt_len, computed, keep_ratio, layout: PagedLayout):
     return start, end
 
 
+def last_event(prompt_len: int, computed: int, layout: PagedLayout) -> int:
+    """The processed-token count at which the layout of ``computed`` tokens was last set (invariant 5)."""
+    if computed < prompt_len:
+        return 0
+    if layout.decode == "off":
+        return prompt_len
+    return prompt_len + (computed - prompt_len) // layout.interval * layout.interval
+
+
 def peak_live_blocks(prompt_len: int, final_len: int, keep_ratios: np.ndarray, layout: PagedLayout, prefill: bool = True) -> int:
     """Most blocks a request holds at once over all layers until ``final_len`` tokens.
 
@@ -177,7 +161,6 @@ def peak_live_blocks(prompt_len: int, final_len: int, keep_ratios: np.ndarray, l
     return int(max(prefill_peak, held.max()))
 
 
-@functools.lru_cache(maxsize=1 << 16)  # asked for every request, group and step with prefix caching on
 def shared_prefix_blocks(prompt_len: int, budget: float, layout: PagedLayout) -> int | None:
     """Leading blocks of a request that no layer ever rewrites, at its mean ``budget``; ``None``: all of them.
 
