@@ -114,14 +114,32 @@ build() {
   # the latter with its own gencode flags.
   PREFIXKV_TARGET_DEVICE=cuda TORCH_CUDA_ARCH_LIST="$arch" "$python" -m pip install -v \
     --no-build-isolation --no-deps --no-index --disable-pip-version-check -e . || return
-  "$(cuda_tool cuobjdump)" --list-elf prefixkv_vllm/_cuda_C*.so
+  "$(cuda_tool cuobjdump)" --list-elf prefixkv_vllm/_cuda_C*.so || return
+  # A private static libstdc++ in a module breaks its error messages (CMakeLists.txt).
+  local lib
+  for lib in prefixkv_vllm/_C*.so prefixkv_vllm/_cuda_C*.so; do
+    readelf -d "$lib" | grep 'NEEDED.*libstdc++' || { echo "$lib does not link the shared libstdc++"; return 1; }
+  done
 }
 
 install_wheels() {
   "$python" -m pip install --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --disable-pip-version-check --target /tmp/gpu-check-site .whl/*.whl
 }
-export -f cuda_tool build install_wheels
+sanitize() {
+  local tool=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$(cuda_tool compute-sanitizer)" --report-api-errors no --error-exitcode 86)
+  "${tool[@]}" --tool memcheck "$python" -m pytest -q \
+    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[False-4-64-dtype0]" \
+    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[True-4-128-dtype1]" \
+    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[False-4-40-dtype2]" \
+    "tests/test_ops_cuda.py::test_importance_cuda_accumulates_across_chunks" \
+    "tests/test_ops_cuda.py::test_compact_cuda_model_shapes[64-dtype1]" \
+    "tests/test_ops_cuda.py::test_compact_cuda_model_shapes[128-dtype0]" || return
+  "${tool[@]}" --tool initcheck "$python" -m pytest -q \
+    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[False-4-64-dtype0]" \
+    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[False-4-40-dtype2]"
+}
+export -f cuda_tool build install_wheels sanitize
 export python arch
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -138,16 +156,10 @@ if run_step build 240 build.log build; then
   # and of bf16. No caching allocator, so every tensor is its own allocation and an
   # access past one is not hidden inside a cached block. API errors are not reported:
   # torch probes the driver with calls that may fail, and the ops check their launches.
-  # Exit status 86 means memcheck found errors; others are pytest's.
-  run_step sanitizer 120 sanitizer.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-    "$(cuda_tool compute-sanitizer)" --tool memcheck --report-api-errors no --error-exitcode 86 \
-    "$python" -m pytest -q \
-    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[False-4-64-dtype0]" \
-    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[True-4-128-dtype1]" \
-    "tests/test_ops_cuda.py::test_importance_cuda_model_shapes[False-4-40-dtype2]" \
-    "tests/test_ops_cuda.py::test_importance_cuda_accumulates_across_chunks" \
-    "tests/test_ops_cuda.py::test_compact_cuda_model_shapes[64-dtype1]" \
-    "tests/test_ops_cuda.py::test_compact_cuda_model_shapes[128-dtype0]"
+  # Then initcheck on the two lse passes, which skip the query tiles below a window:
+  # the score pass must read no lse they left unwritten. Exit status 86 means a tool
+  # found errors; others are pytest's.
+  run_step sanitizer 120 sanitizer.log sanitize
 
   run_step bench 150 bench.log "$python" benchmarks/kernels.py --out-dir "$out"
 else

@@ -69,9 +69,9 @@ def test_importance_cuda_model_shapes(dtype, head_dim, group, pass_lse):
         num_q_heads=2 * group,
         head_dim=head_dim,
         block_size=16,
-        seq_lens=[700, 129, 64, 1, 300],
-        q_lens=[700, 65, 64, 1, 37],  # whole prompts and later chunks
-        min_pos=[0, 0, 40, 0, 290],  # windows that start inside a tile
+        seq_lens=[700, 129, 64, 1, 300, 700],
+        q_lens=[700, 65, 64, 1, 37, 700],  # whole prompts and later chunks
+        min_pos=[0, 0, 40, 0, 290, 650],  # windows that start inside a tile, after ten of them
         temperature=2.0,
         pass_lse=pass_lse,
         seed=head_dim * 10 + group,

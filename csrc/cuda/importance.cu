@@ -90,6 +90,9 @@ __global__ void __launch_bounds__(kLseThreads)
   const int num_rows = min(kTile, q_len - row0);
   const int seq_len = p.seq_lens[b];
   const int first_pos = seq_len - q_len;  // absolute position of query 0
+  // The score pass reads no lse below min_query_pos: a window of the last queries
+  // needs the lse of its own tiles only (uniform exit).
+  if (first_pos + row0 + num_rows <= p.min_query_pos[b]) return;
   const int h = blockIdx.y;
   const int group = static_cast<int>(p.num_q_heads / p.num_kv_heads);
   const int g = h / group;

@@ -163,6 +163,8 @@ __global__ void __launch_bounds__(kThreads) attention_lse_mma_kernel(const Impor
   if (row0 >= q_len) return;  // spare tile of this sequence (uniform exit)
   const int num_rows = min(kResidentRows, q_len - row0);
   const int first_pos = p.seq_lens[b] - q_len;  // absolute position of query 0
+  // The score pass reads no lse below min_query_pos (uniform exit, before any barrier).
+  if (first_pos + row0 + num_rows <= p.min_query_pos[b]) return;
   const int h = blockIdx.y;
   const int g = h / static_cast<int>(p.num_q_heads / p.num_kv_heads);
   const T* query = static_cast<const T*>(p.query);
