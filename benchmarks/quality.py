@@ -108,21 +108,24 @@ def policy_label(config: dict) -> str:
         label = f"{config['policy']} ({config['criterion']} criterion)"
     else:
         label = config["policy"]
+    if "tiers" in config:
+        label += f", {config['tiers']} tiers"
     return f"{label} +prefix caching" if config.get("prefix_caching") else label
 
 
-def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=(), criteria=()) -> list[dict]:
+def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=(), criteria=(), tiers=()) -> list[dict]:
     """``profiles``: ``(path, scorer, criterion, budgets)`` per profile; it runs at the budgets it has.
 
     ``criteria``: start-up calibration criteria for ``prefixkv`` (``--kv-criterion``); none: the server's
     default. Only another criterion than the default is named in a configuration, so the default's
-    results are the same configuration however they were asked for.
+    results are the same configuration however they were asked for. ``tiers``: ``--kv-tiers`` counts
+    for ``prefixkv``, named the same way (the default, one group per layer, is not).
     """
     configs = [{"policy": "none"}]
     for budget in budgets:
         for policy in policies:
             for scorer in ["recency"] if policy == "streaming" else scorers:
-                for criterion in (criteria or [None]) if policy == "prefixkv" else [None]:
+                for criterion, tier_count in _prefixkv_variants(policy, criteria, tiers):
                     for decode in decode_modes:
                         config = {"policy": policy, "budget": budget}
                         if recent != 1:  # results saved before kv_recent was a setting ran at 1 and have no key
@@ -131,6 +134,8 @@ def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",),
                             config["scorer"] = scorer
                         if criterion not in (None, PrefixKVConfig.criterion):
                             config["criterion"] = criterion
+                        if tier_count not in (None, PrefixKVConfig.tiers):
+                            config["tiers"] = tier_count
                         if len(decode_modes) > 1 or decode != "fifo":
                             config["decode"] = decode
                         configs.append(config)
@@ -147,12 +152,20 @@ def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",),
     return configs
 
 
+def _prefixkv_variants(policy, criteria, tiers):
+    if policy != "prefixkv":
+        return [(None, None)]
+    return [(c, t) for c in (criteria or [None]) for t in (tiers or [None])]
+
+
 def additional_config(config: dict) -> dict:
     if config["policy"] == "none":
         return {}
     extra = {"kv_policy": config["policy"], "kv_budget": config["budget"], "kv_recent": config.get("recent", 1)}
     if "decode" in config:
         extra["kv_decode"] = config["decode"]
+    if "tiers" in config:
+        extra["kv_tiers"] = config["tiers"]
     if "scorer" in config:
         extra["kv_scorer"] = config["scorer"]
     if "profile" in config:
@@ -450,6 +463,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
+    parser.add_argument("--tiers", nargs="+", type=int, default=[], help="run prefixkv with each --kv-tiers count (0: one KV-cache group per layer, the server's default)")
     parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"], help="--kv-decode modes (compare them with a --max-new-tokens above the 128-token round interval)")
     parser.add_argument("--kinds", nargs="+", help="only these prompt kinds (benchmarks/prompts.py KINDS), e.g. summary for long outputs")
     parser.add_argument("--stem", default="quality", help="output file names: STEM.md, STEM.json, STEM.png")
@@ -498,7 +512,7 @@ def main(argv=None) -> int:
     for path in args.profiles:
         profile = Profile.load(path)
         profiles.append((path.resolve(), profile.scorer, profile.provenance.get("criterion", "attention"), tuple(profile.entries)))
-    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles, args.criteria)
+    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles, args.criteria, args.tiers)
     if args.prefix_caching:
         configs += [dict(c, prefix_caching=True) for c in configs if c["policy"] != "none"]
     for config in configs:

@@ -65,13 +65,17 @@ def shape_name(shape) -> str:
 def config_name(config: dict) -> str:
     if config.get("ceiling"):
         return "stock, pool for all (ceiling)"
-    return "stock" if config["policy"] == "none" else f"{config['policy']}@{config['budget']:g} ({config['decode']})"
+    if config["policy"] == "none":
+        return "stock"
+    tiers = f", {config['tiers']} tiers" if "tiers" in config else ""
+    return f"{config['policy']}@{config['budget']:g} ({config['decode']}{tiers})"
 
 
 def config_args(config: dict) -> list[str]:
     if config["policy"] == "none":
         return []
-    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"]]
+    tiers = ["--kv-tiers", str(config["tiers"])] if "tiers" in config else []
+    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"], *tiers]
 
 
 def poll_metrics(server: ServerProcess, stop: threading.Event, samples: list, period: float) -> None:
@@ -227,6 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--policies", nargs="+", default=["prefixkv", "uniform"], choices=["prefixkv", "uniform", "streaming"])
     parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"])
+    parser.add_argument("--tiers", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-tiers count")
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
@@ -247,6 +252,9 @@ def main(argv=None) -> int:
         args.budgets, args.policies = [0.2], ["uniform"]
     configs = [{"policy": "none"}] + [
         {"policy": p, "budget": b, "decode": d} for b in args.budgets for p in args.policies for d in args.decode
+    ]
+    configs += [
+        {"policy": "prefixkv", "budget": b, "decode": d, "tiers": t} for b in args.budgets for d in args.decode for t in args.tiers
     ]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)

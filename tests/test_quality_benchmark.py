@@ -111,6 +111,16 @@ def test_criteria_pick_the_start_up_calibration():
     assert configs[3] == configurations([0.2], ["prefixkv"], ["snapkv"])[1]
 
 
+def test_tiers_run_prefixkv_with_fewer_groups():
+    from quality import additional_config, config_name, configurations
+
+    configs = configurations([0.2], ["uniform", "prefixkv"], ["snapkv"], tiers=[0, 3])
+    assert [config_name(c) for c in configs[1:]] == ["uniform/snapkv@0.2", "prefixkv/snapkv@0.2", "prefixkv, 3 tiers/snapkv@0.2"]
+    assert additional_config(configs[3])["kv_tiers"] == 3 and "kv_tiers" not in additional_config(configs[2])
+    # The server's default (one group per layer) is the same configuration with or without --tiers.
+    assert configs[2] == configurations([0.2], ["prefixkv"], ["snapkv"])[1]
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer

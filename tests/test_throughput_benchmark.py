@@ -38,6 +38,14 @@ def test_table_gives_ratios_and_both_bounds():
     assert "| prefixkv@0.2 (fifo) | 80.0 s | 15.0 | 1.50x |" in table
 
 
+def test_tiers_reach_the_server_and_the_table():
+    from throughput import config_args, config_name
+
+    config = {"policy": "prefixkv", "budget": 0.2, "decode": "fifo", "tiers": 3}
+    assert config_args(config)[-2:] == ["--kv-tiers", "3"] and config_name(config) == "prefixkv@0.2 (fifo, 3 tiers)"
+    assert "--kv-tiers" not in config_args({"policy": "prefixkv", "budget": 0.2, "decode": "fifo"})
+
+
 def test_quick_throughput_benchmark(tmp_path):
     pytest.importorskip("vllm")
     command = [
