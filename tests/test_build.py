@@ -1,6 +1,6 @@
 """The ops build with toolchains that link the C++ runtime statically.
 
-The device machines' GCC (/opt/gcc 13.3) has only a static libstdc++, so it linked a
+The device machines' GCC (/opt/gcc 13.3) links libstdc++ statically, so it put a
 private copy of the C++ runtime into each module. Its locale ids clashed with the
 process's libstdc++: the first error message an op formatted segfaulted there (and
 here, with the same flag, loses every number after the first). CMakeLists.txt links
