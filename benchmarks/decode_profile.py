@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=44)
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--warm", type=int, default=0, help="decode steps before the timed window")
-    # 128 = the default --kv-decode-interval: each window holds one decode round.
+    # A multiple of --kv-decode-interval, so each window holds whole decode rounds.
     parser.add_argument("--steps", type=int, default=128, help="steps timed, and steps profiled")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=RESULTS / "decode-profile")

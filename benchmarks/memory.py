@@ -178,19 +178,20 @@ def expected_pages(prompt_len: int, generated: int, ratios: list[float] | None, 
     """Layer blocks ("pages") a request holds after ``generated`` tokens, by the block arithmetic.
 
     Full-attention layers: the layout contract the server uses (``policy.paged``) at the server's
-    defaults (sink 1, recent 64, a decode round every 128 tokens), or every block without a
+    defaults (``PrefixKVConfig``: sink, recent window, decode interval), or every block without a
     policy. Sliding-window layers: vLLM's own rule (the blocks before the window are freed),
     with or without a policy.
     """
     import numpy as np
 
     from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
+    from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig as defaults
 
     # The last generated token is not in the cache yet when it is returned.
     computed = prompt_len + max(0, generated - 1)
     total = math.ceil(computed / BLOCK_SIZE)
     if ratios:
-        layout = PagedLayout(BLOCK_SIZE, sink=1, recent=64, decode=decode, interval=128)
+        layout = PagedLayout(BLOCK_SIZE, defaults.sink, defaults.recent, decode, defaults.decode_interval)
         start, _ = live_blocks(prompt_len, computed, np.array(ratios), layout)
         full = float(np.sum(total - np.asarray(start)))
     else:

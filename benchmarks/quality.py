@@ -97,6 +97,8 @@ def config_name(config: dict) -> str:
         return "full cache"
     scorer = "recency" if config["policy"] == "streaming" else config["scorer"]
     decode = f" decode {config['decode']}" if "decode" in config else ""
+    if "interval" in config:
+        decode += f" every {config['interval']}"
     return f"{policy_label(config)}/{scorer}@{config['budget']:g}{decode}"
 
 
@@ -113,20 +115,21 @@ def policy_label(config: dict) -> str:
     return f"{label} +prefix caching" if config.get("prefix_caching") else label
 
 
-def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=(), criteria=(), tiers=()) -> list[dict]:
+def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",), profiles=(), criteria=(), tiers=(), intervals=()) -> list[dict]:
     """``profiles``: ``(path, scorer, criterion, budgets)`` per profile; it runs at the budgets it has.
 
     ``criteria``: start-up calibration criteria for ``prefixkv`` (``--kv-criterion``); none: the server's
     default. Only another criterion than the default is named in a configuration, so the default's
     results are the same configuration however they were asked for. ``tiers``: ``--kv-tiers`` counts
-    for ``prefixkv``, named the same way (the default, one group per layer, is not).
+    for ``prefixkv``, named the same way (the default, one group per layer, is not). ``intervals``:
+    ``--kv-decode-interval`` values for every decode mode that evicts, named the same way.
     """
     configs = [{"policy": "none"}]
     for budget in budgets:
         for policy in policies:
             for scorer in ["recency"] if policy == "streaming" else scorers:
                 for criterion, tier_count in _prefixkv_variants(policy, criteria, tiers):
-                    for decode in decode_modes:
+                    for decode, interval in _decode_variants(decode_modes, intervals):
                         config = {"policy": policy, "budget": budget}
                         if recent != 1:  # results saved before kv_recent was a setting ran at 1 and have no key
                             config["recent"] = recent
@@ -138,6 +141,8 @@ def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",),
                             config["tiers"] = tier_count
                         if len(decode_modes) > 1 or decode != "fifo":
                             config["decode"] = decode
+                        if interval not in (None, PrefixKVConfig.decode_interval):
+                            config["interval"] = interval
                         configs.append(config)
         for path, scorer, criterion, profile_budgets in profiles:
             if not any(math.isclose(budget, b) for b in profile_budgets):
@@ -150,6 +155,10 @@ def configurations(budgets, policies, scorers, recent=1, decode_modes=("fifo",),
                     config["decode"] = decode
                 configs.append(config)
     return configs
+
+
+def _decode_variants(decode_modes, intervals):
+    return [(d, i) for d in decode_modes for i in ([None] if d == "off" else intervals or [None])]
 
 
 def _prefixkv_variants(policy, criteria, tiers):
@@ -166,6 +175,8 @@ def additional_config(config: dict) -> dict:
         extra["kv_decode"] = config["decode"]
     if "tiers" in config:
         extra["kv_tiers"] = config["tiers"]
+    if "interval" in config:
+        extra["kv_decode_interval"] = config["interval"]
     if "scorer" in config:
         extra["kv_scorer"] = config["scorer"]
     if "profile" in config:
@@ -287,7 +298,7 @@ def score(results: list[dict], prompts: list[dict]) -> list[dict]:
 
 
 def baseline_for(row: dict, rows: list[dict]) -> dict | None:
-    """The ``uniform`` row a configuration is compared with, at the same budget and decode mode.
+    """The ``uniform`` row a configuration is compared with, at the same budget and decode mode and interval.
 
     ``uniform`` with the same scorer where it ran, so that only the allocation
     differs; else (other ``uniform`` rows, ``streaming``) ``uniform`` with the
@@ -298,7 +309,7 @@ def baseline_for(row: dict, rows: list[dict]) -> dict | None:
     candidates = [
         r for r in rows
         if r["policy"] == "uniform" and r is not row and "error" not in r
-        and math.isclose(r["budget"], row["budget"]) and r.get("decode") == row.get("decode")
+        and math.isclose(r["budget"], row["budget"]) and _same_decode(r, row)
     ]  # fmt: skip
     for scorer in (row.get("scorer"), DEFAULT_SCORER):
         match = [r for r in candidates if r["scorer"] == scorer]
@@ -307,12 +318,16 @@ def baseline_for(row: dict, rows: list[dict]) -> dict | None:
     return None
 
 
+def _same_decode(a: dict, b: dict) -> bool:
+    return a.get("decode") == b.get("decode") and a.get("interval") == b.get("interval")
+
+
 def best_uniform(row: dict, rows: list[dict]) -> dict | None:
-    """The ``uniform`` row with the highest mean ROUGE-L at the row's budget and decode mode (its best scorer)."""
+    """The ``uniform`` row with the highest mean ROUGE-L at the row's budget and decode mode and interval (its best scorer)."""
     candidates = [
         r for r in rows
         if r["policy"] == "uniform" and "error" not in r
-        and math.isclose(r["budget"], row["budget"]) and r.get("decode") == row.get("decode")
+        and math.isclose(r["budget"], row["budget"]) and _same_decode(r, row)
     ]  # fmt: skip
     return max(candidates, key=lambda r: r["rouge_mean"], default=None)
 
@@ -383,6 +398,8 @@ def markdown(rows, prompts, args, header) -> str:
             continue
         rouge = "1.000 (reference)" if row["policy"] == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
         label = f"{policy}, decode {row['decode']}" if "decode" in row else policy
+        if "interval" in row:
+            label += f" every {row['interval']}"
         lines.append(
             f"| {label} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
             f"({row['needle_hits'] / max(1, row['needle_n']):.0%}) | {row['kept_hits']}/{row['kept_n']} | {row['identical']}/{row['n']} | {row['n']} | "
@@ -465,6 +482,7 @@ def main(argv=None) -> int:
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
     parser.add_argument("--tiers", nargs="+", type=int, default=[], help="run prefixkv with each --kv-tiers count (0: one KV-cache group per layer, the server's default)")
     parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"], help="--kv-decode modes (compare them with a --max-new-tokens above the 128-token round interval)")
+    parser.add_argument("--intervals", nargs="+", type=int, default=[], help=f"--kv-decode-interval values for each evicting decode mode (default: the server's, {PrefixKVConfig.decode_interval})")
     parser.add_argument("--kinds", nargs="+", help="only these prompt kinds (benchmarks/prompts.py KINDS), e.g. summary for long outputs")
     parser.add_argument("--stem", default="quality", help="output file names: STEM.md, STEM.json, STEM.png")
     parser.add_argument("--prefix-caching", action="store_true", help="also run each compressed configuration with vLLM's prefix caching on (each prompt is new, so this measures what the write-once prefix costs)")
@@ -512,7 +530,7 @@ def main(argv=None) -> int:
     for path in args.profiles:
         profile = Profile.load(path)
         profiles.append((path.resolve(), profile.scorer, profile.provenance.get("criterion", "attention"), tuple(profile.entries)))
-    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles, args.criteria, args.tiers)
+    configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles, args.criteria, args.tiers, args.intervals)
     if args.prefix_caching:
         configs += [dict(c, prefix_caching=True) for c in configs if c["policy"] != "none"]
     for config in configs:

@@ -68,14 +68,16 @@ def config_name(config: dict) -> str:
     if config["policy"] == "none":
         return "stock"
     tiers = f", {config['tiers']} tiers" if "tiers" in config else ""
-    return f"{config['policy']}@{config['budget']:g} ({config['decode']}{tiers})"
+    interval = f" every {config['interval']}" if "interval" in config else ""
+    return f"{config['policy']}@{config['budget']:g} ({config['decode']}{interval}{tiers})"
 
 
 def config_args(config: dict) -> list[str]:
     if config["policy"] == "none":
         return []
     tiers = ["--kv-tiers", str(config["tiers"])] if "tiers" in config else []
-    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"], *tiers]
+    interval = ["--kv-decode-interval", str(config["interval"])] if "interval" in config else []
+    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"], *interval, *tiers]
 
 
 def poll_metrics(server: ServerProcess, stop: threading.Event, samples: list, period: float) -> None:
@@ -232,6 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", nargs="+", default=["prefixkv", "uniform"], choices=["prefixkv", "uniform", "streaming"])
     parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"])
     parser.add_argument("--tiers", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-tiers count")
+    parser.add_argument("--intervals", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-decode-interval")
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
@@ -255,6 +258,9 @@ def main(argv=None) -> int:
     ]
     configs += [
         {"policy": "prefixkv", "budget": b, "decode": d, "tiers": t} for b in args.budgets for d in args.decode for t in args.tiers
+    ]
+    configs += [
+        {"policy": "prefixkv", "budget": b, "decode": d, "interval": i} for b in args.budgets for d in args.decode for i in args.intervals
     ]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ pytest.importorskip("vllm")
 
 from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets, request_budget  # noqa: E402
-from prefixkv_vllm.vllm_adapter.startup import _tier_curves, _tier_means, _tiers  # noqa: E402
+from prefixkv_vllm.vllm_adapter.startup import _decode_interval, _tier_curves, _tier_means, _tiers  # noqa: E402
 
 
 def test_defaults_are_stock():
@@ -44,6 +44,16 @@ def test_round_trip():
 def test_bad_settings(settings, message):
     with pytest.raises(PrefixKVConfigError, match=message):
         PrefixKVConfig.from_additional_config(settings)
+
+
+def test_decode_interval_is_whole_blocks():
+    config = PrefixKVConfig(policy="prefixkv", decode_interval=96)
+    assert _decode_interval(config, 32, given=True) == 96
+    with pytest.raises(PrefixKVConfigError, match="^--kv-decode-interval 96 must be a multiple of the block size 64$"):
+        _decode_interval(config, 64, given=True)
+    assert _decode_interval(config, 64, given=False) == 128  # the default, in tokens: rounded up to whole blocks
+    # Without decode rounds the interval is unused, and never an error.
+    assert _decode_interval(PrefixKVConfig(policy="prefixkv", decode="off", decode_interval=96), 64, given=True) == 128
 
 
 def test_tiers_keep_the_mean_and_group_by_ratio():

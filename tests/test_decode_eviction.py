@@ -31,21 +31,24 @@ from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E4
 
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 8
 INTERVAL, RECENT = 16, 4
+# Round intervals the layout tests run at: two blocks, and one (a round every block, as the server's default).
+INTERVALS = (INTERVAL, BLOCK)
 
 
-def layer_spec(ratio, decode, budget=None, prefix_caching=False):
+def layer_spec(ratio, decode, budget=None, prefix_caching=False, interval=INTERVAL):
     return PrefixKVAttentionSpec(
         block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=1,
-        recent=RECENT, budget=ratio if budget is None else budget, decode=decode, interval=INTERVAL,
+        recent=RECENT, budget=ratio if budget is None else budget, decode=decode, interval=interval,
         prefix_caching=prefix_caching,
     )
 
 
+@pytest.mark.parametrize("interval", INTERVALS)
 class TestLayout:
     @pytest.mark.parametrize("decode", ["off", "fifo", "scored"])
     @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5, 0.9, 1.0])
-    def test_start_never_goes_back_and_stays_behind_the_recent_tokens(self, decode, ratio):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=INTERVAL)
+    def test_start_never_goes_back_and_stays_behind_the_recent_tokens(self, decode, ratio, interval):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=interval)
         for prompt in (1, 7, 8, 37, 64, 100):
             computed = np.arange(0, prompt + 400)
             start, end = live_blocks(prompt, computed, ratio, layout)
@@ -56,25 +59,25 @@ class TestLayout:
             assert (start <= np.where(computed >= prompt, prompt // BLOCK, 0)).all() or decode != "off"
 
     @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5])
-    def test_decode_rounds_hold_the_ratio_of_all_tokens_seen(self, ratio):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=INTERVAL)
+    def test_decode_rounds_hold_the_ratio_of_all_tokens_seen(self, ratio, interval):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=interval)
         prompt = 200
-        for computed in range(prompt + INTERVAL, prompt + 2000, 7):
+        for computed in range(prompt + interval, prompt + 2000, 7):
             start, _ = live_blocks(prompt, computed, ratio, layout)
             held = math.ceil(computed / BLOCK) * BLOCK - start * BLOCK
             # ratio x tokens seen, plus the stated overhead: recent window, partial blocks, one interval.
-            assert held <= ratio * computed + RECENT + INTERVAL + 3 * BLOCK
+            assert held <= ratio * computed + RECENT + interval + 3 * BLOCK
             assert held >= ratio * computed - BLOCK
         off = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="off")
         start, _ = live_blocks(prompt, prompt + 2000, ratio, off)
         assert start == prompt // BLOCK - kept_prompt_blocks(prompt, ratio, BLOCK, 1, RECENT)  # off: only the prompt
 
     @pytest.mark.parametrize("decode", ["off", "fifo"])
-    def test_layout_stands_between_events(self, decode):
+    def test_layout_stands_between_events(self, decode, interval):
         # Invariant 5, which the scheduler's managers rely on to free once per event:
         # the layout after c tokens is the layout at last_event(c).
         rng = np.random.default_rng(0)
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=INTERVAL)
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=interval)
         prompts = rng.integers(0, 300, 400)
         computed = prompts + rng.integers(-50, 500, 400).clip(-prompts)
         ratios = rng.choice([0.05, 0.1, 0.2, 0.37, 0.5, 0.9, 1.0], 400)
@@ -84,13 +87,13 @@ class TestLayout:
             assert event <= computed[i]
             assert live_blocks(int(prompts[i]), event, float(ratios[i]), layout) == (starts[i], ends[i])
 
-    def test_full_ratio_never_frees(self):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=INTERVAL)
+    def test_full_ratio_never_frees(self, interval):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=interval)
         start, _ = live_blocks(300, np.arange(0, 3000), 1.0, layout)
         assert not start.any()
 
-    def test_peak_bounds_every_state(self):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=INTERVAL)
+    def test_peak_bounds_every_state(self, interval):
+        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=interval)
         ratios = np.array([0.1, 0.3, 0.6])
         prompt, final = 150, 600
         peak = peak_live_blocks(prompt, final, ratios, layout)
@@ -100,9 +103,15 @@ class TestLayout:
         assert peak < len(ratios) * math.ceil(final / BLOCK)  # eviction lowers the peak
 
 
+def test_the_interval_must_be_whole_blocks_only_when_rounds_run():
+    PagedLayout(64, decode="off", interval=32)  # no decode rounds: the interval is unused
+    with pytest.raises(ValueError, match="multiple of the block size 64"):
+        PagedLayout(64, decode="fifo", interval=32)
+
+
 def simulate(
     prompt_len, new_tokens, decode, ratio=0.25, chunk=None, per_kv_head=False, request_budget=None, seed=0,
-    budget=None, prefix_caching=False, hit=0,
+    budget=None, prefix_caching=False, hit=0, interval=INTERVAL,
 ):
     """Runs one request through prefill (in chunks) and decoding; returns the tags of the live tokens per step.
 
@@ -117,7 +126,7 @@ def simulate(
     values = torch.full((max_blocks, BLOCK, HKV, DIM), -1.0)  # -1: never written
     queries = torch.randn(total, HQ, DIM, generator=gen)
     table = torch.arange(max_blocks, dtype=torch.int32)[None, :]
-    spec = layer_spec(ratio, decode, budget, prefix_caching)
+    spec = layer_spec(ratio, decode, budget, prefix_caching, interval)
     policy = build_policy("uniform", ratio, scorer="window", window=4, per_kv_head=per_kv_head, sink=1, recent=RECENT)
     budgets = np.array([np.nan if request_budget is None else request_budget])
     batch = BatchInfo(req_ids=["r"], prompt_lens=np.array([prompt_len]), request_budgets=budgets)
@@ -170,6 +179,14 @@ def test_every_step_reads_only_live_tokens(decode, per_kv_head, prompt_len, chun
     if decode != "off" and prompt_len > 16:
         # Held about ratio x tokens seen plus the recent window and one interval, not the whole output.
         assert final.shape[0] <= 0.25 * (prompt_len + 150) + RECENT + INTERVAL + 3 * BLOCK
+
+
+@pytest.mark.parametrize("decode", ["fifo", "scored"])
+@pytest.mark.parametrize("prompt_len, chunk", [(61, 20), (96, None)])
+def test_a_round_every_block_reads_only_live_tokens(decode, prompt_len, chunk):
+    # The server's default interval: a round every block.
+    history = simulate(prompt_len, 150, decode, chunk=chunk, interval=BLOCK)
+    assert history[-1].shape[0] <= 0.25 * (prompt_len + 150) + RECENT + BLOCK + 3 * BLOCK
 
 
 def test_fifo_keeps_the_compressed_prompt_and_the_newest_tokens():
@@ -311,7 +328,8 @@ class TestAdmission:
 
 
 @pytest.mark.parametrize("decode", ["off", "fifo"])
-def test_scheduler_manager_frees_what_the_layout_says_at_every_step(decode):
+@pytest.mark.parametrize("interval", INTERVALS)
+def test_scheduler_manager_frees_what_the_layout_says_at_every_step(decode, interval):
     # The manager memoises each request's last freed event; the blocks it holds must
     # still be exactly the live run at every step, and a preempted request (all its
     # blocks freed, then recomputed from scratch) must be freed again as it resumes.
@@ -319,7 +337,7 @@ def test_scheduler_manager_frees_what_the_layout_says_at_every_step(decode):
 
     from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionManager
 
-    spec = layer_spec(0.25, decode)
+    spec = layer_spec(0.25, decode, interval=interval)
     pool = BlockPool(num_gpu_blocks=400, enable_caching=False, hash_block_size=BLOCK)
     manager = PrefixKVAttentionManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=BLOCK)
     prompt = 61
@@ -335,4 +353,4 @@ def test_scheduler_manager_frees_what_the_layout_says_at_every_step(decode):
     run(prompt + 3)
     manager.free("r")  # preempted in the same layout event the resumed request reaches first
     assert pool.get_num_free_blocks() == 400 - 1  # the pool's null block
-    run(prompt + 5 * INTERVAL + 3)
+    run(prompt + 5 * interval + 3)

@@ -46,6 +46,15 @@ def test_tiers_reach_the_server_and_the_table():
     assert "--kv-tiers" not in config_args({"policy": "prefixkv", "budget": 0.2, "decode": "fifo"})
 
 
+def test_intervals_reach_the_server_and_the_table():
+    from throughput import config_args, config_name
+
+    config = {"policy": "prefixkv", "budget": 0.2, "decode": "fifo", "interval": 32}
+    args = config_args(config)
+    assert args[args.index("--kv-decode-interval") + 1] == "32" and config_name(config) == "prefixkv@0.2 (fifo every 32)"
+    assert "--kv-decode-interval" not in config_args({"policy": "prefixkv", "budget": 0.2, "decode": "fifo"})
+
+
 def test_quick_throughput_benchmark(tmp_path):
     pytest.importorskip("vllm")
     command = [

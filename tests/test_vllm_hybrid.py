@@ -299,8 +299,9 @@ def test_request_budget_one_reproduces_stock_greedy_tokens(stock, compressed):
 def held_pages(prompt_len: int, computed: int, ratios) -> tuple[int, int]:
     """Layer pages (one layer's block) one request holds: (full-attention layers, sliding layers), by the block arithmetic."""
     from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
+    from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig as defaults
 
-    layout = PagedLayout(BLOCK, sink=1, recent=64, decode="fifo", interval=128)
+    layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, "fifo", defaults.decode_interval)
     allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot
     full = sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)
     # vLLM's own rule for the sliding-window layers, the same in both servers.

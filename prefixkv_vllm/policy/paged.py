@@ -71,13 +71,13 @@ class PagedLayout:
     sink: int = 1
     recent: int = 1
     decode: str = "off"
-    interval: int = 128  # generated tokens between decode rounds, a multiple of block_size
+    interval: int = 32  # generated tokens between decode rounds, a multiple of block_size (the server's default)
     prefix_caching: bool = False  # vLLM's prefix caching is on: keep a write-once prefix (see above)
 
     def __post_init__(self):
         if self.decode not in DECODE_MODES:
             raise ValueError(f"decode mode must be one of {', '.join(DECODE_MODES)}, got {self.decode!r}")
-        if self.interval <= 0 or self.interval % self.block_size:
+        if self.decode != "off" and (self.interval <= 0 or self.interval % self.block_size):
             raise ValueError(f"decode interval {self.interval} must be a positive multiple of the block size {self.block_size}")
 
 

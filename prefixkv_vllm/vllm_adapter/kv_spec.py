@@ -38,7 +38,7 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
     # allocation (policy.costs.allocation_curves); empty: per-request budgets rescale keep_ratio.
     ratio_curve: tuple[tuple[float, float], ...] = ()
     decode: str = "off"  # decode-time eviction mode (policy.paged.DECODE_MODES)
-    interval: int = 128  # generated tokens between decode rounds
+    interval: int = PagedLayout.interval  # generated tokens between decode rounds
     prefix_caching: bool = False  # vLLM's prefix caching is on
 
     @property

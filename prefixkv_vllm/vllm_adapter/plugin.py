@@ -131,20 +131,21 @@ def _add_flags(parser):
     from ..policy import CRITERIA, POLICY_NAMES, SCORERS
     from ..policy.paged import DECODE_MODES
 
+    d = PrefixKVConfig  # every default lives there
     group = parser.add_argument_group("PrefixKV", "Per-layer KV-cache budgets after prefill (prefixkv-vllm)")
     group.add_argument("--kv-policy", choices=POLICY_NAMES, default=argparse.SUPPRESS, help="KV eviction policy (default: none, stock vLLM)")
-    group.add_argument("--kv-budget", type=_budget, default=argparse.SUPPRESS, help="mean fraction of prompt KV kept across layers, in (0, 1] (default 0.2)")
+    group.add_argument("--kv-budget", type=_budget, default=argparse.SUPPRESS, help=f"mean fraction of prompt KV kept across layers, in (0, 1] (default {d.budget})")
     group.add_argument("--kv-profile", default=argparse.SUPPRESS, help="JSON profile of per-layer keep ratios (prefixkv); without one, ratios are calibrated at start-up and cached")
-    group.add_argument("--kv-scorer", choices=list(SCORERS), default=argparse.SUPPRESS, help="token importance score (default: snapkv)")
-    group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS, help="last prompt queries the window and snapkv scorers read (default 32)")
-    group.add_argument("--kv-criterion", choices=CRITERIA, default=argparse.SUPPRESS, help="prefixkv without --kv-profile: how start-up calibration shares the budget across layers; loss (default): where compressing changes the output least; attention: the paper's equal share of attention mass")
-    group.add_argument("--kv-sink", type=int, default=argparse.SUPPRESS, help="first prompt tokens always kept (default 1)")
-    group.add_argument("--kv-recent", type=int, default=argparse.SUPPRESS, help="most recent tokens always kept: the end of the prompt, and of the output at each decode round (default 64)")
+    group.add_argument("--kv-scorer", choices=list(SCORERS), default=argparse.SUPPRESS, help=f"token importance score (default: {d.scorer})")
+    group.add_argument("--kv-window", type=int, default=argparse.SUPPRESS, help=f"last prompt queries the window and snapkv scorers read (default {d.window})")
+    group.add_argument("--kv-criterion", choices=CRITERIA, default=argparse.SUPPRESS, help=f"prefixkv without --kv-profile: how start-up calibration shares the budget across layers; loss: where compressing changes the output least; attention: the paper's equal share of attention mass (default {d.criterion})")
+    group.add_argument("--kv-sink", type=int, default=argparse.SUPPRESS, help=f"first prompt tokens always kept (default {d.sink})")
+    group.add_argument("--kv-recent", type=int, default=argparse.SUPPRESS, help=f"most recent tokens always kept: the end of the prompt, and of the output at each decode round (default {d.recent})")
     group.add_argument("--kv-per-kv-head", action="store_true", default=argparse.SUPPRESS, help="select tokens per KV head instead of per layer")
-    group.add_argument("--kv-decode", choices=DECODE_MODES, default=argparse.SUPPRESS, help="eviction while decoding: fifo (default), scored, or off")
-    group.add_argument("--kv-decode-interval", type=int, default=argparse.SUPPRESS, help="generated tokens between decode-time eviction rounds, a multiple of the block size (default 128)")
-    group.add_argument("--kv-admission", choices=ADMISSION_MODES, default=argparse.SUPPRESS, help="reserve: admit only requests whose peak KV fits beside the running ones' (default); stock: vLLM's rule")
-    group.add_argument("--kv-tiers", type=int, default=argparse.SUPPRESS, help="KV-cache groups for the per-layer ratios (0: one per layer, the default)")
+    group.add_argument("--kv-decode", choices=DECODE_MODES, default=argparse.SUPPRESS, help=f"eviction while decoding: fifo, scored, or off (default {d.decode})")
+    group.add_argument("--kv-decode-interval", type=int, default=argparse.SUPPRESS, help=f"generated tokens between decode-time eviction rounds, a multiple of the block size (default {d.decode_interval})")
+    group.add_argument("--kv-admission", choices=ADMISSION_MODES, default=argparse.SUPPRESS, help=f"reserve: admit only requests whose peak KV fits beside the running ones'; stock: vLLM's rule (default {d.admission})")
+    group.add_argument("--kv-tiers", type=int, default=argparse.SUPPRESS, help=f"KV-cache groups for the per-layer ratios, 0: one per layer (default {d.tiers})")
     return parser
 
 

@@ -49,11 +49,9 @@ def configure_engine(vllm_config) -> None:
         config = config.with_keep_ratios(*_keep_ratios(config, vllm_config, layers))
     elif len(config.keep_ratios) != len(layers):
         raise PrefixKVConfigError(f"kv_keep_ratios has {len(config.keep_ratios)} entries for {_layer_count(layers, num_layers)}")
-    block_size = vllm_config.cache_config.block_size
-    if config.decode != "off" and block_size and config.decode_interval % block_size:
-        raise PrefixKVConfigError(
-            f"--kv-decode-interval {config.decode_interval} must be a multiple of the block size {block_size}"
-        )
+    given = "kv_decode_interval" in (vllm_config.additional_config or {})
+    interval = _decode_interval(config, vllm_config.cache_config.block_size, given)
+    config = dataclasses.replace(config, decode_interval=interval)
     if (len(set(config.keep_ratios)) > 1 or hybrid) and vllm_config.scheduler_config.disable_hybrid_kv_cache_manager:
         what = "a model with sliding-window or other local layers" if hybrid else "per-layer KV budgets"
         raise PrefixKVConfigError(f"PrefixKV on {what} needs vLLM's hybrid KV-cache manager; drop --disable-hybrid-kv-cache-manager")
@@ -66,6 +64,16 @@ def configure_engine(vllm_config) -> None:
             100 * (1 - config.budget),
             config.budget,
         )
+
+
+def _decode_interval(config: PrefixKVConfig, block_size: int | None, given: bool) -> int:
+    """Tokens between decode rounds: the interval given, which must be whole blocks, or the default rounded up to them."""
+    interval = config.decode_interval
+    if not block_size or interval % block_size == 0:
+        return interval
+    if given and config.decode != "off":
+        raise PrefixKVConfigError(f"--kv-decode-interval {interval} must be a multiple of the block size {block_size}")
+    return -(-interval // block_size) * block_size
 
 
 def _layer_count(layers: tuple[int, ...], num_layers: int) -> str:
