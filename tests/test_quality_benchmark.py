@@ -127,10 +127,11 @@ def test_intervals_apply_to_evicting_decode_modes():
     from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig
 
     default = PrefixKVConfig.decode_interval
-    configs = configurations([0.2], ["prefixkv"], ["snapkv"], decode_modes=["off", "fifo"], intervals=[32, default])
+    other = 4 * default
+    configs = configurations([0.2], ["prefixkv"], ["snapkv"], decode_modes=["off", "fifo"], intervals=[other, default])
     names = [config_name(c) for c in configs[1:]]
-    assert names == ["prefixkv/snapkv@0.2 decode off", "prefixkv/snapkv@0.2 decode fifo every 32", "prefixkv/snapkv@0.2 decode fifo"]
-    assert additional_config(configs[2])["kv_decode_interval"] == 32 and "kv_decode_interval" not in additional_config(configs[3])
+    assert names == ["prefixkv/snapkv@0.2 decode off", f"prefixkv/snapkv@0.2 decode fifo every {other}", "prefixkv/snapkv@0.2 decode fifo"]
+    assert additional_config(configs[2])["kv_decode_interval"] == other and "kv_decode_interval" not in additional_config(configs[3])
     # The server's default interval is the same configuration with or without --intervals.
     assert configs[3] == configurations([0.2], ["prefixkv"], ["snapkv"], decode_modes=["off", "fifo"])[2]
 

@@ -346,7 +346,7 @@ def test_full_attention_usage_falls_by_the_block_arithmetic_and_sliding_layers_s
 def test_preemption_and_aborts_leave_no_blocks_behind(compressed):
     preempted_before = compressed.metric("vllm:num_preemptions_total")
     # Short prompts admitted together, then growing past the pool: vLLM preempts.
-    prompts = [token_prompt(90 + 7 * i, seed=100 + i) for i in range(12)]
+    prompts = [token_prompt(90 + 7 * i, seed=100 + i) for i in range(16)]
     results = [None] * len(prompts)
 
     def run(index):
