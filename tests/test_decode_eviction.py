@@ -31,7 +31,7 @@ from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E4
 
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 8
 INTERVAL, RECENT = 16, 4
-# Round intervals the layout tests run at: two blocks, and one (a round every block, as the server's default).
+# Round intervals the layout tests run at: two blocks, and one (the server's default of 32 tokens at block size 32).
 INTERVALS = (INTERVAL, BLOCK)
 
 
@@ -184,7 +184,7 @@ def test_every_step_reads_only_live_tokens(decode, per_kv_head, prompt_len, chun
 @pytest.mark.parametrize("decode", ["fifo", "scored"])
 @pytest.mark.parametrize("prompt_len, chunk", [(61, 20), (96, None)])
 def test_a_round_every_block_reads_only_live_tokens(decode, prompt_len, chunk):
-    # The server's default interval: a round every block.
+    # A round every block: the server's default interval at block size 32.
     history = simulate(prompt_len, 150, decode, chunk=chunk, interval=BLOCK)
     assert history[-1].shape[0] <= 0.25 * (prompt_len + 150) + RECENT + BLOCK + 3 * BLOCK
 
