@@ -256,12 +256,8 @@ def main(argv=None) -> int:
     configs = [{"policy": "none"}] + [
         {"policy": p, "budget": b, "decode": d} for b in args.budgets for p in args.policies for d in args.decode
     ]
-    configs += [
-        {"policy": "prefixkv", "budget": b, "decode": d, "tiers": t} for b in args.budgets for d in args.decode for t in args.tiers
-    ]
-    configs += [
-        {"policy": "prefixkv", "budget": b, "decode": d, "interval": i} for b in args.budgets for d in args.decode for i in args.intervals
-    ]
+    variants = [{"tiers": t} for t in args.tiers] + [{"interval": i} for i in args.intervals]
+    configs += [{"policy": "prefixkv", "budget": b, "decode": d, **v} for b in args.budgets for d in args.decode for v in variants]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     rows = []
