@@ -69,7 +69,8 @@ def config_name(config: dict) -> str:
         return "stock"
     tiers = f", {config['tiers']} tiers" if "tiers" in config else ""
     interval = f" every {config['interval']}" if "interval" in config else ""
-    return f"{config['policy']}@{config['budget']:g} ({config['decode']}{interval}{tiers})"
+    admission = f", {config['admission']} admission" if "admission" in config else ""
+    return f"{config['policy']}@{config['budget']:g} ({config['decode']}{interval}{tiers}{admission})"
 
 
 def config_args(config: dict) -> list[str]:
@@ -77,7 +78,11 @@ def config_args(config: dict) -> list[str]:
         return []
     tiers = ["--kv-tiers", str(config["tiers"])] if "tiers" in config else []
     interval = ["--kv-decode-interval", str(config["interval"])] if "interval" in config else []
-    return ["--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"], *interval, *tiers]
+    admission = ["--kv-admission", config["admission"]] if "admission" in config else []
+    return [
+        "--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"],
+        *interval, *tiers, *admission,
+    ]  # fmt: skip
 
 
 def poll_metrics(server: ServerProcess, stop: threading.Event, samples: list, period: float) -> None:
@@ -235,6 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"])
     parser.add_argument("--tiers", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-tiers count")
     parser.add_argument("--intervals", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-decode-interval")
+    parser.add_argument("--admissions", nargs="+", default=[], choices=["reserve", "stock"], help="also run prefixkv with each --kv-admission")
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
@@ -257,6 +263,7 @@ def main(argv=None) -> int:
         {"policy": p, "budget": b, "decode": d} for b in args.budgets for p in args.policies for d in args.decode
     ]
     variants = [{"tiers": t} for t in args.tiers] + [{"interval": i} for i in args.intervals]
+    variants += [{"admission": a} for a in args.admissions]
     configs += [{"policy": "prefixkv", "budget": b, "decode": d, **v} for b in args.budgets for d in args.decode for v in variants]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)

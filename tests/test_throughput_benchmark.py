@@ -55,6 +55,15 @@ def test_intervals_reach_the_server_and_the_table():
     assert "--kv-decode-interval" not in config_args({"policy": "prefixkv", "budget": 0.2, "decode": "fifo"})
 
 
+def test_admissions_reach_the_server_and_the_table():
+    from throughput import config_args, config_name
+
+    config = {"policy": "prefixkv", "budget": 0.2, "decode": "fifo", "admission": "stock"}
+    args = config_args(config)
+    assert args[args.index("--kv-admission") + 1] == "stock" and config_name(config) == "prefixkv@0.2 (fifo, stock admission)"
+    assert "--kv-admission" not in config_args({"policy": "prefixkv", "budget": 0.2, "decode": "fifo"})
+
+
 def test_quick_throughput_benchmark(tmp_path):
     pytest.importorskip("vllm")
     command = [

@@ -82,6 +82,11 @@ def first_token_logprobs(server, content) -> dict[str, float]:
     return {t["token"]: t["logprob"] for t in choice["logprobs"]["content"][0]["top_logprobs"]}
 
 
+def logprob_distance(a: dict[str, float], b: dict[str, float]) -> float:
+    """Largest logprob change over both top-5 lists; a token missing from one list counts as infinitely far."""
+    return max(abs(a.get(token, -float("inf")) - b.get(token, -float("inf"))) for token in a.keys() | b.keys())
+
+
 def test_budget_one_reproduces_stock_on_image_prompts(stock, budget_one):
     for content in IMAGE_PROMPTS:
         usage = stock.chat(content, max_tokens=1)["usage"]
@@ -98,8 +103,11 @@ def test_calibrated_ratios_cover_the_language_model(compressed):
 def test_images_still_steer_the_answer_under_compression(compressed):
     text = document(40) + "\nWhat colour is the picture?"
     red = first_token_logprobs(compressed, image_message([RED], text))
-    assert first_token_logprobs(compressed, image_message([RED], text)) == red  # deterministic
-    assert first_token_logprobs(compressed, image_message([BLUE], text)) != red
+    # The repeat may reuse the first request's cached prefix blocks, so its float32 sums run
+    # in other chunks and may differ in the last bits (seen: 1e-6); a different image must
+    # move the distribution by far more than that.
+    assert logprob_distance(first_token_logprobs(compressed, image_message([RED], text)), red) < 1e-4
+    assert logprob_distance(first_token_logprobs(compressed, image_message([BLUE], text)), red) > 1e-2
 
 
 def _usage_while_decoding(server) -> float:
