@@ -17,6 +17,7 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# A new module or test that starts servers belongs here.
 SERVER_TESTS = (
     "tests/test_vllm_serve.py",
     "tests/test_vllm_hybrid.py",
@@ -35,6 +36,8 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None  # another --dist the caller chose: xdist's own scheduler
     from xdist.scheduler import LoadScopeScheduling
 
     class ServersTogether(LoadScopeScheduling):
