@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from prefixkv_vllm.policy import CRITERIA  # noqa: E402
+from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 from prefixkv_vllm.tools.server import stop_process_group, vllm_version  # noqa: E402
 from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig  # noqa: E402
@@ -481,7 +482,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
     parser.add_argument("--tiers", nargs="+", type=int, default=[], help="run prefixkv with each --kv-tiers count (0: one KV-cache group per layer, the server's default)")
-    parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"], help=f"--kv-decode modes (compare them with a --max-new-tokens above the round interval, {PrefixKVConfig.decode_interval} tokens by default)")
+    parser.add_argument("--decode", nargs="+", default=["fifo"], choices=DECODE_MODES, help=f"--kv-decode modes (compare them with a --max-new-tokens above the round interval, {PrefixKVConfig.decode_interval} tokens by default)")
     parser.add_argument("--intervals", nargs="+", type=int, default=[], help=f"--kv-decode-interval values for each evicting decode mode (default: the server's, {PrefixKVConfig.decode_interval})")
     parser.add_argument("--kinds", nargs="+", help="only these prompt kinds (benchmarks/prompts.py KINDS), e.g. summary for long outputs")
     parser.add_argument("--stem", default="quality", help="output file names: STEM.md, STEM.json, STEM.png")

@@ -43,7 +43,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
 from prefixkv_vllm.tools.server import VLLM, ServerProcess, vllm_server, vllm_version  # noqa: E402
+from prefixkv_vllm.vllm_adapter.config import ADMISSION_MODES  # noqa: E402
 
 BLOCK_SIZE = 32
 SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]
@@ -237,10 +239,10 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--policies", nargs="+", default=["prefixkv", "uniform"], choices=["prefixkv", "uniform", "streaming"])
-    parser.add_argument("--decode", nargs="+", default=["fifo"], choices=["off", "fifo", "scored"])
+    parser.add_argument("--decode", nargs="+", default=["fifo"], choices=DECODE_MODES)
     parser.add_argument("--tiers", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-tiers count")
     parser.add_argument("--intervals", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-decode-interval")
-    parser.add_argument("--admissions", nargs="+", default=[], choices=["reserve", "stock"], help="also run prefixkv with each --kv-admission")
+    parser.add_argument("--admissions", nargs="+", default=[], choices=ADMISSION_MODES, help="also run prefixkv with each --kv-admission")
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
