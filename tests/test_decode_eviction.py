@@ -291,7 +291,7 @@ class TestAdmission:
 
         groups = [SimpleNamespace(kv_cache_spec=layer_spec(r, "fifo", budget=float(np.mean(ratios)))) for r in ratios]
         vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), max_in_flight_tokens=2048, max_concurrent_batches=1)
-        return Admission(vllm_config, SimpleNamespace(kv_cache_groups=groups), [None] * len(groups), running)
+        return Admission(vllm_config, SimpleNamespace(kv_cache_groups=groups), [None] * len(groups), lambda: running)
 
     @staticmethod
     def request(name, prompt, max_tokens, computed=0):
@@ -319,6 +319,45 @@ class TestAdmission:
         held = sum(math.ceil(1030 / BLOCK) - live_blocks(1024, 1030, 0.2, admission.layout)[0] for _ in range(2))
         newcomer = peak_live_blocks(8, 9, np.array([0.2, 0.2]), admission.layout) - 2 * math.ceil(8 / BLOCK)
         assert admission.reserved_for(self.request("b", 8, 1), 8) == decode_peak - held + newcomer
+
+    def test_the_scheduler_hook_reads_the_list_vllm_replaces(self):
+        # vLLM's scheduler replaces its running list (remove_all) when several requests
+        # finish in one step. Admission once kept the list it was built with, and then
+        # admitted a whole second wave as if nothing ran (256+2048 at budget 0.5: 11
+        # admitted where 5 fit, 6 preemptions).
+        from types import SimpleNamespace
+
+        from vllm.v1.core.sched.utils import remove_all
+        from vllm.v1.request import RequestStatus
+
+        from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig
+        from prefixkv_vllm.vllm_adapter.plugin import bind_scheduler
+
+        class Request(SimpleNamespace):
+            __hash__ = object.__hash__  # vLLM's requests are hashable, remove_all takes a set
+
+        specs = [layer_spec(0.2, "fifo", budget=0.2)] * 2
+        reserved = []
+        manager = SimpleNamespace(
+            coordinator=SimpleNamespace(single_type_managers=[None, None]),
+            allocate_slots=lambda request, new, computed=0, **kwargs: reserved.append(kwargs["reserved_blocks"]),
+        )
+        finished = [Request(request_id=n, num_prompt_tokens=200, max_tokens=400, num_computed_tokens=600) for n in "ab"]
+        scheduler = SimpleNamespace(
+            vllm_config=SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), max_in_flight_tokens=2048, max_concurrent_batches=1),
+            kv_cache_config=SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs]),
+            kv_cache_manager=manager, cache_config=SimpleNamespace(enable_prefix_caching=False),
+            running=list(finished), add_request=None, _free_request=None,
+        )  # fmt: skip
+        bind_scheduler(scheduler, PrefixKVConfig(policy="uniform", budget=0.2, admission="reserve"))
+        scheduler.running = remove_all(scheduler.running, set(finished))  # both finish in one step: a new list
+        for name in "cd":  # two admissions in one step: the second reserves for the first
+            request = Request(request_id=name, num_prompt_tokens=200, max_tokens=400, num_computed_tokens=0, status=RequestStatus.WAITING)
+            manager.allocate_slots(request, 200)
+            scheduler.running.append(request)  # as vLLM's schedule() does once allocation succeeds
+        peak = peak_live_blocks(200, 600, np.array([0.2, 0.2]), specs[0].layout)
+        own = peak - 2 * math.ceil(200 / BLOCK)
+        assert reserved == [own, peak + own]
 
     def test_compression_lowers_the_reservation(self):
         compressed = self.admission([0.2, 0.2], [self.request("a", 1024, 512)])

@@ -160,7 +160,7 @@ def admission_with_sliding_groups(running, ratios=(0.25, 0.25), sliding_groups=2
         SimpleNamespace(sliding_window=WINDOW, extra_retained_tokens=0), c))
     managers = [None] * len(compressed) + [manager] * sliding_groups
     vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), max_in_flight_tokens=256, max_concurrent_batches=1)
-    return Admission(vllm_config, SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs]), managers, running)
+    return Admission(vllm_config, SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs]), managers, lambda: running)
 
 
 def request(name, prompt, max_tokens, computed=0):

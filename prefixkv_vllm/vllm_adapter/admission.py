@@ -18,6 +18,8 @@ rule instead.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ..policy.paged import live_blocks, peak_live_blocks
@@ -38,14 +40,16 @@ class Admission:
     counts as holding every token, which over-reserves and never under-reserves.
     """
 
-    def __init__(self, vllm_config, kv_cache_config, managers, running: list) -> None:
+    def __init__(self, vllm_config, kv_cache_config, managers, running: Callable[[], list]) -> None:
         groups = list(zip((group.kv_cache_spec for group in kv_cache_config.kv_cache_groups), managers))
         self.specs = [spec for spec, _ in groups if isinstance(spec, PrefixKVAttentionSpec)]
         self.others = [(spec, manager) for spec, manager in groups if not isinstance(spec, PrefixKVAttentionSpec)]
         if not self.specs:
             raise TypeError("compression-aware admission needs a PrefixKV KV-cache group")
         self.layout = self.specs[0].layout
-        self.running = running  # the scheduler's own list, mutated in place by vLLM
+        # Read at every admission: vLLM replaces the scheduler's list (``remove_all``) when
+        # several requests finish in one step, so a list kept from start-up goes stale.
+        self.running = running
         self.max_model_len = vllm_config.model_config.max_model_len
         self.in_flight = {True: vllm_config.max_in_flight_tokens, False: vllm_config.max_concurrent_batches}
         self._peaks: dict[tuple[str, bool], int] = {}
@@ -93,7 +97,7 @@ class Admission:
 
     def reserved_for(self, request, num_new_tokens: int) -> int:
         """Blocks to keep free when admitting ``request``: the running requests' growth and its own beyond this step."""
-        growth = sum(max(0, self.peak(r) - self.held(r)) for r in self.running if r is not request)
+        growth = sum(max(0, self.peak(r) - self.held(r)) for r in self.running() if r is not request)
         tokens = request.num_computed_tokens + num_new_tokens
         now = len(self.specs) * -(-tokens // self.layout.block_size) + self._other_blocks(tokens, request.num_computed_tokens)
         return growth + max(0, self.peak(request) - now)

@@ -64,7 +64,7 @@ lowers it), ``SingleTypeKVCacheManager.pop_blocks_for_free`` being where every f
 a request's blocks passes (the manager drops its per-request memo there) and
 ``get_computed_blocks`` asking the coordinator once per request for its longest hit,
 ``Scheduler.running``
-(mutated in place), ``Request.max_tokens``, ``InputBatch.num_computed_tokens_cpu``, the
+(read at each admission: vLLM replaces the list when several requests finish in one step), ``Request.max_tokens``, ``InputBatch.num_computed_tokens_cpu``, the
 CPU and FlashAttention backends' builder ``build`` and impl ``forward``,
 ``CommonAttentionMetadata.replace``, ``InputBatch.num_prompt_tokens``,
 ``AttentionConfig.backend_per_kind``, ``SchedulerOutput.finished_req_ids`` and
@@ -304,7 +304,10 @@ def bind_scheduler(scheduler, config: PrefixKVConfig) -> None:
     if config.admission == "reserve":
         manager = scheduler.kv_cache_manager
         admission = Admission(
-            scheduler.vllm_config, scheduler.kv_cache_config, manager.coordinator.single_type_managers, scheduler.running
+            scheduler.vllm_config,
+            scheduler.kv_cache_config,
+            manager.coordinator.single_type_managers,
+            lambda: scheduler.running,
         )
         original_allocate = manager.allocate_slots
 
