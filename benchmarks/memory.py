@@ -47,12 +47,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from machine import describe, serving_dtype  # noqa: E402
+
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 from prefixkv_vllm.tools.server import ServerProcess, vllm_server, vllm_version  # noqa: E402
 
 BLOCK_SIZE = 32
 SERVE_ARGS = [
-    "--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo",
+    "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo",
     "--no-enable-prefix-caching",
 ]  # fmt: skip
 
@@ -404,6 +406,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pressure-decode-tokens", type=int, default=384)
     parser.add_argument("--kv-space-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE for every server (the pool)")
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--dtype", default=serving_dtype(), help=f"every server's --dtype (default here: {describe()})")
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between /metrics samples")
     parser.add_argument("--skip-decode", action="store_true", help="skip part 1")
@@ -452,7 +455,7 @@ def main(argv=None) -> int:
         print(f"[memory] {name}: starting server (log {log_path})", flush=True)
         started = time.time()
         try:
-            with serve(model, config_args(config, args.scorer), args.kv_space_gib, log_path, args.max_model_len, args.reserved_cpus) as server:
+            with serve(model, ["--dtype", args.dtype, *config_args(config, args.scorer)], args.kv_space_gib, log_path, args.max_model_len, args.reserved_cpus) as server:
                 row["startup_s"] = time.time() - started
                 log = server.log()
                 row["ratios"] = _ratios_from_log(log)
@@ -493,7 +496,7 @@ def main(argv=None) -> int:
             "",
             f"- Command: `{command_line}`",
             f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU; "
-            f"`vllm serve` ({vllm_version()}) with {' '.join(SERVE_ARGS[:-3])} --max-model-len {args.max_model_len}, "
+            f"`vllm serve` ({vllm_version()}) with --dtype {args.dtype} ({describe()}) {' '.join(SERVE_ARGS[:-3])} --max-model-len {args.max_model_len}, "
             f"prefix caching off, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} (the same pool in bytes for every configuration), "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
             f"- Model: {describe_model(layout_info)}",

@@ -19,6 +19,10 @@ scorer where that was run) prompt by prompt: the mean paired difference in
 ROUGE-L and in needle accuracy, with a 95% bootstrap interval over prompts, so
 that "beats" means an interval above zero.
 
+Every engine runs in ``--dtype`` (default: what this CPU serves fastest, ``machine.py``).
+``--kv-cache-dtypes auto fp8`` also runs every configuration, the full cache included,
+with an fp8 KV cache; the reference stays the full cache in the model's dtype.
+
 Writes ``quality.md`` (tables), ``quality.png`` (grouped bars) and ``quality.json``
 (every answer) under ``--out-dir``, and prints the tables.
 
@@ -44,6 +48,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from machine import describe, serving_dtype  # noqa: E402
 
 from prefixkv_vllm.policy import CRITERIA  # noqa: E402
 from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
@@ -94,13 +100,14 @@ def mean_sem(values: list[float]) -> tuple[float, float]:
 
 
 def config_name(config: dict) -> str:
+    cache = f", {config['cache']} KV" if "cache" in config else ""
     if config["policy"] == "none":
-        return "full cache"
+        return f"full cache{cache}"
     scorer = "recency" if config["policy"] == "streaming" else config["scorer"]
     decode = f" decode {config['decode']}" if "decode" in config else ""
     if "interval" in config:
         decode += f" every {config['interval']}"
-    return f"{policy_label(config)}/{scorer}@{config['budget']:g}{decode}"
+    return f"{policy_label(config)}/{scorer}@{config['budget']:g}{decode}{cache}"
 
 
 def policy_label(config: dict) -> str:
@@ -201,7 +208,8 @@ def run_config(args) -> None:
     started = time.time()
     llm = LLM(
         str(model_path(args.model)),
-        dtype="float32",
+        dtype=args.dtype,
+        kv_cache_dtype=config.get("cache", "auto"),
         enforce_eager=True,
         block_size=32,
         enable_prefix_caching=config.get("prefix_caching", False),
@@ -232,6 +240,7 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
         "--max-new-tokens", str(args.max_new_tokens),
         "--max-model-len", str(args.max_model_len),
         "--model", args.model,
+        "--dtype", args.dtype,
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(args.reserved_cpus))
@@ -478,6 +487,8 @@ def main(argv=None) -> int:
     parser.add_argument("--recent", type=int, default=PrefixKVConfig.recent, help=f"kv_recent: last prompt tokens always kept (default: the server's, {PrefixKVConfig.recent}; the paper: 1)")
     parser.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
     parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--dtype", default=serving_dtype(), help=f"every engine's dtype (default here: {describe()})")
+    parser.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], help="run every configuration with each KV-cache dtype (e.g. auto fp8); the reference is the full cache with auto")
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
@@ -534,6 +545,10 @@ def main(argv=None) -> int:
     configs = configurations(args.budgets, args.policies, args.scorers, args.recent, args.decode, profiles, args.criteria, args.tiers, args.intervals)
     if args.prefix_caching:
         configs += [dict(c, prefix_caching=True) for c in configs if c["policy"] != "none"]
+    # "auto" adds no key: the reference and saved results keep their names.
+    configs = [c if cache == "auto" else {**c, "cache": cache} for cache in args.kv_cache_dtypes for c in configs]
+    if {"policy": "none"} not in configs:
+        configs.insert(0, {"policy": "none"})  # the reference
     for config in configs:
         key = json.dumps(config, sort_keys=True)
         if key in previous:
@@ -564,7 +579,7 @@ def main(argv=None) -> int:
             "",
             f"- Command: `{command_line}`",
             f"- Date: {datetime.date.today().isoformat()}; device: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU; "
-            f"{vllm_version()}, fp32, eager, block size 32, prefix caching {'on only for rows marked +prefix caching' if args.prefix_caching else 'off'}, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
+            f"{vllm_version()}, {args.dtype} ({describe()}), eager, block size 32, prefix caching {'on only for rows marked +prefix caching' if args.prefix_caching else 'off'}, VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib}, "
             f"VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', args.reserved_cpus)}",
             f"- Model: `{model.name}` (`prefixkv demo-model --name {args.model}`), max_model_len {args.max_model_len}",
             f"- Prompts: {len(prompts)} built offline by `benchmarks/prompts.py` (seed {args.seed}): "

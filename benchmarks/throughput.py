@@ -25,6 +25,10 @@ The ``shared1024+512+256`` shape runs vLLM's prefix-repetition dataset instead: 
 tokens, prefix caching on for every server (vLLM's default); its table adds the
 prefix-cache hit rate (``vllm:prefix_cache_hits`` over ``vllm:prefix_cache_queries``).
 
+Every server runs in ``--dtype`` (default: what this CPU serves fastest, ``machine.py``);
+``--kv-cache-dtypes auto fp8`` runs every configuration with each KV-cache dtype, in the
+same pool bytes (fp8 holds twice the tokens).
+
 Writes ``throughput.md``, ``throughput.png`` and ``throughput.json`` under ``--out-dir``.
 ``--quick`` runs a small shape for the test suite.
 """
@@ -43,12 +47,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+from machine import describe, serving_dtype  # noqa: E402
+
 from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
 from prefixkv_vllm.tools.server import VLLM, ServerProcess, vllm_server, vllm_version  # noqa: E402
 from prefixkv_vllm.vllm_adapter.config import ADMISSION_MODES  # noqa: E402
 
 BLOCK_SIZE = 32
-SERVE_ARGS = ["--dtype", "float32", "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]
+SERVE_ARGS = ["--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]
 # input tokens, output tokens, requests, KV pool bytes (the sizes the issues measured stock with),
 # and the tokens every prompt shares (0: vLLM's random dataset; else its prefix-repetition dataset).
 # 256+2048 is the issue's 32 requests and 12,800-token pool halved, the same pool per request,
@@ -68,25 +74,27 @@ def shape_name(shape) -> str:
 
 
 def config_name(config: dict) -> str:
+    cache = f", {config['cache']} KV" if config.get("cache", "auto") != "auto" else ""
     if config.get("ceiling"):
-        return "stock, pool for all (ceiling)"
+        return f"stock{cache}, pool for all (ceiling)"
     if config["policy"] == "none":
-        return "stock"
+        return f"stock{cache}"
     tiers = f", {config['tiers']} tiers" if "tiers" in config else ""
     interval = f" every {config['interval']}" if "interval" in config else ""
     admission = f", {config['admission']} admission" if "admission" in config else ""
-    return f"{config['policy']}@{config['budget']:g} ({config['decode']}{interval}{tiers}{admission})"
+    return f"{config['policy']}@{config['budget']:g} ({config['decode']}{interval}{tiers}{admission}){cache}"
 
 
 def config_args(config: dict) -> list[str]:
+    cache = ["--kv-cache-dtype", config["cache"]] if config.get("cache", "auto") != "auto" else []
     if config["policy"] == "none":
-        return []
+        return cache
     tiers = ["--kv-tiers", str(config["tiers"])] if "tiers" in config else []
     interval = ["--kv-decode-interval", str(config["interval"])] if "interval" in config else []
     admission = ["--kv-admission", config["admission"]] if "admission" in config else []
     return [
         "--kv-policy", config["policy"], "--kv-budget", str(config["budget"]), "--kv-decode", config["decode"],
-        *interval, *tiers, *admission,
+        *interval, *tiers, *admission, *cache,
     ]  # fmt: skip
 
 
@@ -127,7 +135,7 @@ def bench(server: ServerProcess, model: str, shape, output_len: int, result_dir:
 def run_config(model, config, shape, args, result_dir, log_dir) -> dict:
     input_len, output_len, num_prompts, pool_bytes, shared = shape
     pool_bytes = config.get("pool_bytes") or args.kv_cache_bytes or pool_bytes
-    serve_args = ["--max-model-len", str(input_len + output_len + 64), *SERVE_ARGS]
+    serve_args = ["--max-model-len", str(input_len + output_len + 64), "--dtype", args.dtype, *SERVE_ARGS]
     serve_args += ["--kv-cache-memory-bytes", str(pool_bytes), *config_args(config)]
     output_len = config.get("output_len", output_len)
     name = re.sub(r"[^A-Za-z0-9.+-]", "-", f"{config_name(config)}-{shape_name(shape)}")
@@ -246,6 +254,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiers", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-tiers count")
     parser.add_argument("--intervals", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-decode-interval")
     parser.add_argument("--admissions", nargs="+", default=[], choices=ADMISSION_MODES, help="also run prefixkv with each --kv-admission")
+    parser.add_argument("--dtype", default=serving_dtype(), help=f"every server's --dtype (default here: {describe()})")
+    parser.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], help="run every configuration with each --kv-cache-dtype (e.g. auto fp8)")
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
     parser.add_argument("--no-amdahl", action="store_true", help="skip the prefill-only stock run")
@@ -270,6 +280,7 @@ def main(argv=None) -> int:
     variants = [{"tiers": t} for t in args.tiers] + [{"interval": i} for i in args.intervals]
     variants += [{"admission": a} for a in args.admissions]
     configs += [{"policy": "prefixkv", "budget": b, "decode": d, **v} for b in args.budgets for d in args.decode for v in variants]
+    configs = [{**c, "cache": cache} for cache in args.kv_cache_dtypes for c in configs]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -283,13 +294,13 @@ def main(argv=None) -> int:
                 rows.append(run_config(model, config, shape, args, Path(result_dir), args.log_dir))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.ceiling and config["policy"] == "none":
-                    ceiling = {"policy": "none", "ceiling": True, "pool_bytes": ceiling_pool_bytes(rows[-1], shape)}
+                    ceiling = {**config, "ceiling": True, "pool_bytes": ceiling_pool_bytes(rows[-1], shape)}
                     rows.append(run_config(model, ceiling, shape, args, Path(result_dir), args.log_dir))
                     print(json.dumps(rows[-1]), flush=True)
     kinds = {"prefix-repetition" if shape[4] else "random" for shape in shapes.values()}
     datasets = " and ".join(f"{kind} dataset" for kind in sorted(kinds))
     header = (
-        f"# Throughput: demo model, {vllm_version()}, fp32, block size {BLOCK_SIZE}, the same KV pool for every server "
+        f"# Throughput: demo model, {vllm_version()}, {args.dtype} ({describe()}), block size {BLOCK_SIZE}, the same KV pool for every server "
         f"of a shape, `vllm bench serve` {datasets}, --ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})\n\n"
         f"Command: `python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )

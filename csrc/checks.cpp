@@ -13,6 +13,19 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
+// Quantized KV caches whose keys importance reads (their scale folded into `scale`).
+bool is_fp8(at::ScalarType t) {
+  return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2;
+}
+
+void check_paged_view(const at::Tensor& cache, const char* op, const char* name) {
+  TORCH_CHECK(cache.dim() == 4 || cache.dim() == 6, op, ": ", name,
+              " must be a [num_blocks, block_size, Hkv, D] view or its tiled 6-D form, got "
+              "shape ",
+              cache.sizes());
+  TORCH_CHECK(paged_block_size(cache) > 0, op, ": ", name, " block_size must be > 0");
+}
+
 // head_dim (the last dim) must be contiguous; a size-1 dim has any stride.
 bool last_dim_contiguous(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1;
@@ -35,6 +48,23 @@ void check_same_device(const at::Tensor& ref, const at::Tensor& t,
 
 }  // namespace
 
+at::Tensor tiled_view(const at::Tensor& cache) {
+  if (cache.dim() == 6) return cache;
+  return cache.unsqueeze(1).unsqueeze(4);
+}
+
+int64_t paged_block_size(const at::Tensor& cache) {
+  return cache.dim() == 6 ? cache.size(1) * cache.size(2) : cache.size(1);
+}
+
+int64_t paged_num_kv_heads(const at::Tensor& cache) {
+  return cache.dim() == 6 ? cache.size(3) : cache.size(2);
+}
+
+int64_t paged_head_dim(const at::Tensor& cache) {
+  return cache.dim() == 6 ? cache.size(4) * cache.size(5) : cache.size(3);
+}
+
 void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& block_table,
                            const at::Tensor& query_start_loc,
@@ -54,16 +84,14 @@ void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
 
   TORCH_CHECK(query.dim() == 3, op, ": query must be [T, Hq, D], got shape ",
               query.sizes());
-  TORCH_CHECK(key_cache.dim() == 4, op,
-              ": key_cache must be a [num_blocks, block_size, Hkv, D] view, got "
-              "shape ",
-              key_cache.sizes());
+  check_paged_view(key_cache, op, "key_cache");
   TORCH_CHECK(is_supported_float(query.scalar_type()), op,
               ": query must be float32, bfloat16 or float16, got ",
               query.scalar_type());
-  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type(), op,
+  TORCH_CHECK(key_cache.scalar_type() == query.scalar_type() || is_fp8(key_cache.scalar_type()), op,
               ": key_cache dtype ", key_cache.scalar_type(),
-              " must match query dtype ", query.scalar_type());
+              " must match query dtype ", query.scalar_type(),
+              " or be float8_e4m3fn / float8_e5m2");
   TORCH_CHECK(last_dim_contiguous(query), op,
               ": query head_dim must be contiguous (stride(2) == 1), got "
               "strides ",
@@ -71,13 +99,12 @@ void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
 
   const int64_t num_q_heads = query.size(1);
   const int64_t head_dim = query.size(2);
-  const int64_t num_kv_heads = key_cache.size(2);
+  const int64_t num_kv_heads = paged_num_kv_heads(key_cache);
   TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, op,
               ": num query heads (", num_q_heads,
               ") must be a multiple of num kv heads (", num_kv_heads, ")");
-  TORCH_CHECK(key_cache.size(3) == head_dim, op, ": key_cache head_dim (",
-              key_cache.size(3), ") != query head_dim (", head_dim, ")");
-  TORCH_CHECK(key_cache.size(1) > 0, op, ": key_cache block_size must be > 0");
+  TORCH_CHECK(paged_head_dim(key_cache) == head_dim, op, ": key_cache head_dim (",
+              paged_head_dim(key_cache), ") != query head_dim (", head_dim, ")");
 
   check_int32_index(block_table, op, "block_table", 2);
   check_int32_index(query_start_loc, op, "query_start_loc", 1);
@@ -123,23 +150,24 @@ void check_compact_args(const at::Tensor& key_cache,
   check_same_device(key_cache, keep_indices, op, "key_cache", "keep_indices");
   check_same_device(key_cache, num_kept, op, "key_cache", "num_kept");
 
-  TORCH_CHECK(key_cache.dim() == 4, op,
-              ": key_cache must be a [num_blocks, block_size, Hkv, D] view, got "
-              "shape ",
-              key_cache.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), op,
-              ": value_cache shape ", value_cache.sizes(),
-              " != key_cache shape ", key_cache.sizes());
+  check_paged_view(key_cache, op, "key_cache");
+  check_paged_view(value_cache, op, "value_cache");
+  // The two may tile differently (vLLM's AMX cache does), but hold the same tokens.
+  TORCH_CHECK(value_cache.size(0) == key_cache.size(0) &&
+                  paged_block_size(value_cache) == paged_block_size(key_cache) &&
+                  paged_num_kv_heads(value_cache) == paged_num_kv_heads(key_cache) &&
+                  paged_head_dim(value_cache) == paged_head_dim(key_cache),
+              op, ": value_cache shape ", value_cache.sizes(),
+              " holds other blocks, slots, heads or dims than key_cache shape ", key_cache.sizes());
   TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op,
               ": value_cache dtype ", value_cache.scalar_type(),
               " != key_cache dtype ", key_cache.scalar_type());
-  TORCH_CHECK(key_cache.size(1) > 0, op, ": key_cache block_size must be > 0");
 
   check_int32_index(block_table, op, "block_table", 2);
   check_int32_index(keep_indices, op, "keep_indices", 3);
   check_int32_index(num_kept, op, "num_kept", 1);
   const int64_t num_requests = num_kept.size(0);
-  const int64_t num_kv_heads = key_cache.size(2);
+  const int64_t num_kv_heads = paged_num_kv_heads(key_cache);
   TORCH_CHECK(block_table.size(0) == num_requests, op,
               ": block_table must have R = ", num_requests, " rows, got ",
               block_table.size(0));

@@ -8,6 +8,15 @@
 
 namespace prefixkv {
 
+// Paged cache views come in two forms (prefixkv_vllm/ops/reference.py):
+// [num_blocks, block_size, Hkv, D], or tiled [num_blocks, block_size / slot_tile,
+// slot_tile, Hkv, D / dim_tile, dim_tile]. `tiled_view` returns the 6-D form of
+// either (no copy); the sizes below read either form.
+at::Tensor tiled_view(const at::Tensor& cache);
+int64_t paged_block_size(const at::Tensor& cache);
+int64_t paged_num_kv_heads(const at::Tensor& cache);
+int64_t paged_head_dim(const at::Tensor& cache);
+
 // Validates the arguments shared by every backend's `importance`, so CPU and
 // CUDA reject the same inputs with the same messages.
 void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,

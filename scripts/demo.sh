@@ -11,13 +11,16 @@ model="$("$bin/prefixkv" demo-model)"
 port="${PORT:-8011}"
 log="$(mktemp -t prefixkv-demo.XXXXXX.log)"
 
+# bf16 where the CPU has AMX (vLLM's fastest kernel there), fp32 elsewhere; DTYPE=... overrides it.
+dtype="${DTYPE:-$("$python" "$root/benchmarks/machine.py")}"
+
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
 "$bin/vllm" serve "$model" --served-model-name demo --kv-policy prefixkv --kv-budget 0.2 \
-  --dtype float32 --enforce-eager --block-size 32 --max-model-len 8192 --port "$port" "$@" >"$log" 2>&1 &
+  --dtype "$dtype" --enforce-eager --block-size 32 --max-model-len 8192 --port "$port" "$@" >"$log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 
-echo "demo: serving $model on port $port (log: $log)" >&2
+echo "demo: serving $model in $dtype on port $port (log: $log)" >&2
 echo "demo: the first start calibrates per-layer ratios (about 3 minutes on 2 cores, cached after)" >&2
 "$python" - "$port" "$server" "$log" <<'PY'
 import json, os, sys, time, urllib.request

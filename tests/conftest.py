@@ -22,6 +22,7 @@ SERVER_TESTS = (
     "tests/test_vllm_serve.py",
     "tests/test_vllm_hybrid.py",
     "tests/test_vllm_vision.py",
+    "tests/test_vllm_dtypes.py",
     "tests/test_throughput_benchmark.py::test_quick_throughput_benchmark",
 )
 

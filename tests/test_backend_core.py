@@ -11,7 +11,7 @@ pytest.importorskip("vllm")
 from prefixkv_vllm.ops import reference as ref  # noqa: E402
 from prefixkv_vllm.policy import build_policy  # noqa: E402
 from prefixkv_vllm.policy.paged import kept_prompt_blocks  # noqa: E402
-from prefixkv_vllm.vllm_adapter.backends.core import after_attention, plan_step  # noqa: E402
+from prefixkv_vllm.vllm_adapter.backends.core import Scales, after_attention, plan_step  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E402
 
@@ -147,7 +147,7 @@ def _run_prompt(chunks, scorer, per_kv_head=False, seed=0):
         qsl, seq_lens, table = step_inputs([computed], [chunk], max_blocks=10)
         plan = plan_step(spec(0.3, sink=2, recent=3), policy, batch, qsl, seq_lens, table)
         if plan is not None and plan.work is not None:
-            after_attention(plan.work, "layer", query_all[computed : computed + chunk], keys, values, DIM**-0.5)
+            after_attention(plan.work, "layer", query_all[computed : computed + chunk], keys, values, Scales(DIM**-0.5))
         computed += chunk
     assert STORE.take_scores("r", "layer", prompt) is None  # compaction consumed the scores
     return cache
@@ -171,7 +171,7 @@ def test_compaction_keeps_the_top_scored_tokens():
     policy = build_policy("uniform", 0.3, scorer="mean", sink=2, recent=3)
     qsl, seq_lens, table = step_inputs([0], [prompt], max_blocks=10)
     plan = plan_step(spec(0.3, sink=2, recent=3), policy, BatchInfo(["r"], np.array([prompt])), qsl, seq_lens, table)
-    after_attention(plan.work, "layer", query, cache[0], cache[1], DIM**-0.5)
+    after_attention(plan.work, "layer", query, cache[0], cache[1], Scales(DIM**-0.5))
 
     scores = torch.zeros(1, HKV, prompt)
     ref.importance(query, original[0], table, qsl, seq_lens, torch.zeros(1, dtype=torch.int32), DIM**-0.5, scores)

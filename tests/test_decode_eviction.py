@@ -25,7 +25,7 @@ from prefixkv_vllm.policy.paged import (  # noqa: E402
     peak_live_blocks,
     shared_prefix_blocks,
 )
-from prefixkv_vllm.vllm_adapter.backends.core import after_attention, plan_step, publish_device_starts  # noqa: E402
+from prefixkv_vllm.vllm_adapter.backends.core import Scales, after_attention, plan_step, publish_device_starts  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E402
 
@@ -159,7 +159,7 @@ def simulate(
         assert (effective_table[0, : math.ceil(effective_len / BLOCK)] >= start).all()
         if plan is not None and plan.work is not None:
             before = values.clone()
-            after_attention(plan.work, "layer", queries[computed : computed + step], keys, values, DIM**-0.5)
+            after_attention(plan.work, "layer", queries[computed : computed + step], keys, values, Scales(DIM**-0.5))
             if prefix_caching:
                 assert torch.equal(values[:shared], before[:shared]), f"step at {computed}: rewrote a shared block"
         computed += step

@@ -17,8 +17,11 @@ from hypothesis import strategies as st
 import prefixkv_vllm.ops  # noqa: F401  (registers torch.ops.prefixkv)
 from prefixkv_vllm.ops import reference as ref
 
-LAYOUTS = ("flash", "flash_hnd", "cpu", "vllm_cpu", "interleaved")
+LAYOUTS = ("flash", "flash_hnd", "cpu", "vllm_cpu", "vllm_amx", "interleaved")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# vLLM's AMX cache tiles 16 slots (keys) and 16 dims (values): its sizes are multiples of 16.
+TILED = ("vllm_amx",)
 
 
 # --------------------------------------------------------------------------- #
@@ -27,7 +30,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def make_caches(layout, num_blocks, block_size, num_kv_heads, head_dim, dtype, gen):
-    """Storage and key/value views ``[num_blocks, block_size, Hkv, D]`` in a vLLM layout.
+    """Storage and paged key/value views (``[num_blocks, block_size, Hkv, D]`` or tiled) in a vLLM layout.
 
     flash: ``[2, N, bs, H, D]`` split (the view is the storage layout).
     flash_hnd: vLLM 0.32's FlashAttention cache, ``[N, H, bs, 2D]`` pages with each
@@ -35,6 +38,9 @@ def make_caches(layout, num_blocks, block_size, num_kv_heads, head_dim, dtype, g
     cpu: ``[2, N, H, bs, D]`` split and permuted.
     vllm_cpu: vLLM's CPU cache, ``[N, H, 2, bs * D]`` pages with keys stored
         transposed (``[D, bs]``, so head_dim is strided) and values token-major.
+    vllm_amx: vLLM's CPU AMX cache, the same pages with keys in groups of 16 slots
+        holding pairs of dims, and values in groups of 16 dims holding pairs of slots
+        (tiled 6-D views).
     interleaved: K and V interleaved per head in one ``[N, H, 2, bs, D]`` tensor.
     """
     shape = {
@@ -42,14 +48,15 @@ def make_caches(layout, num_blocks, block_size, num_kv_heads, head_dim, dtype, g
         "flash_hnd": (num_blocks, num_kv_heads, block_size, 2 * head_dim),
         "cpu": (2, num_blocks, num_kv_heads, block_size, head_dim),
         "vllm_cpu": (num_blocks, num_kv_heads, 2, block_size * head_dim),
+        "vllm_amx": (num_blocks, num_kv_heads, 2, block_size * head_dim),
         "interleaved": (num_blocks, num_kv_heads, 2, block_size, head_dim),
     }[layout]
-    if dtype in FLOAT_DTYPES:
+    if dtype in FLOAT_DTYPES + FP8_DTYPES:
         storage = torch.randn(shape, generator=gen).to(dtype)
     else:
         storage = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(dtype)
     key, value = cache_views(layout, storage, block_size, head_dim)
-    assert key.shape == (num_blocks, block_size, num_kv_heads, head_dim)
+    assert ref.paged_shape(key) == ref.paged_shape(value) == (num_blocks, block_size, num_kv_heads, head_dim)
     return storage, key, value
 
 
@@ -64,6 +71,12 @@ def cache_views(layout, storage, block_size, head_dim):
     if layout == "vllm_cpu":
         keys = storage[:, :, 0].unflatten(2, (head_dim, block_size)).permute(0, 3, 1, 2)
         values = storage[:, :, 1].unflatten(2, (block_size, head_dim)).permute(0, 2, 1, 3)
+        return keys, values
+    if layout == "vllm_amx":
+        # key (s, d) at (s // 16) * 16D + (d // 2) * 32 + (s % 16) * 2 + d % 2
+        keys = storage[:, :, 0].unflatten(2, (block_size // 16, head_dim // 2, 16, 2)).permute(0, 2, 4, 1, 3, 5)
+        # value (s, d) at (d // 16) * 16bs + (s // 2) * 32 + (d % 16) * 2 + s % 2
+        values = storage[:, :, 1].unflatten(2, (head_dim // 16, block_size // 2, 16, 2)).permute(0, 3, 5, 1, 2, 4)
         return keys, values
     return storage[:, :, 0].permute(0, 2, 1, 3), storage[:, :, 1].permute(0, 2, 1, 3)
 
@@ -124,10 +137,11 @@ def assert_scores_close(actual, expected, seq_lens, initial):
 
 @st.composite
 def importance_case(draw, max_batch=3, max_len=150):
+    layout = draw(st.sampled_from(LAYOUTS))
     num_kv_heads = draw(st.sampled_from([1, 2, 3]))
     group = draw(st.sampled_from([1, 2, 3, 4]))
-    head_dim = draw(st.sampled_from([8, 12, 32, 64]))
-    block_size = draw(st.sampled_from([1, 5, 16, 32]))
+    head_dim = draw(st.sampled_from([32, 64] if layout in TILED else [8, 12, 32, 64]))
+    block_size = draw(st.sampled_from([16, 32] if layout in TILED else [1, 5, 16, 32]))
     batch = draw(st.integers(1, max_batch))
     seq_lens, q_lens, min_pos = [], [], []
     for _ in range(batch):
@@ -138,8 +152,9 @@ def importance_case(draw, max_batch=3, max_len=150):
         window = draw(st.one_of(st.none(), st.integers(0, seq_len + 2)))
         min_pos.append(0 if window is None else seq_len - window)
     return dict(
-        layout=draw(st.sampled_from(LAYOUTS)),
+        layout=layout,
         dtype=draw(st.sampled_from(FLOAT_DTYPES)),
+        kv_dtype=draw(st.sampled_from([None, None, *FP8_DTYPES])),  # None: the query's
         num_kv_heads=num_kv_heads,
         num_q_heads=num_kv_heads * group,
         head_dim=head_dim,
@@ -156,9 +171,8 @@ def importance_case(draw, max_batch=3, max_len=150):
 def build_importance_inputs(case):
     gen = torch.Generator().manual_seed(case["seed"])
     table, num_blocks = make_block_table(case["seq_lens"], case["block_size"], gen)
-    _, key, _ = make_caches(
-        case["layout"], num_blocks, case["block_size"], case["num_kv_heads"], case["head_dim"], case["dtype"], gen
-    )
+    kv_dtype = case.get("kv_dtype") or case["dtype"]
+    _, key, _ = make_caches(case["layout"], num_blocks, case["block_size"], case["num_kv_heads"], case["head_dim"], kv_dtype, gen)
     query = make_query(
         sum(case["q_lens"]),
         case["num_q_heads"],
@@ -275,6 +289,24 @@ def test_importance_probabilities_sum_to_contributing_queries(layout, dtype):
         torch.testing.assert_close(totals, torch.full_like(totals, float(contributing)), rtol=1e-5, atol=1e-5)
         assert torch.all(scores[b, :, s:] == 0)
         assert torch.all(scores[b] >= 0)
+
+
+@pytest.mark.parametrize("layout", ["vllm_cpu", "vllm_amx", "flash"])
+@pytest.mark.parametrize("kv_dtype", FP8_DTYPES)
+def test_importance_reads_fp8_keys_at_their_scale(layout, kv_dtype):
+    """An fp8 cache holds key / k_scale: scoring it with its k_scale equals scoring the dequantized keys."""
+    gen = torch.Generator().manual_seed(3)
+    seq_lens, num_kv_heads, num_q_heads, head_dim, block_size, k_scale = [90, 40], 2, 4, 64, 16, 0.37
+    table, num_blocks = make_block_table(seq_lens, block_size, gen)
+    _, key, _ = make_caches(layout, num_blocks, block_size, num_kv_heads, head_dim, kv_dtype, gen)
+    query = make_query(sum(seq_lens), num_q_heads, num_kv_heads, head_dim, torch.bfloat16, gen, 2.0)
+    args = (table, packed_offsets(seq_lens), torch.tensor(seq_lens, dtype=torch.int32))
+    scores = torch.zeros(2, num_kv_heads, 96)
+    prefixkv_vllm.ops.importance(query, key, *args, head_dim**-0.5, scores, k_scale=k_scale)
+    dequantized = key.float() * k_scale
+    expected = torch.zeros_like(scores)
+    ref.importance(query, dequantized, *args, torch.zeros(2, dtype=torch.int32), head_dim**-0.5, expected)
+    torch.testing.assert_close(scores, expected, rtol=2e-4, atol=2e-5)
 
 
 def test_importance_long_sequence_gqa_against_reference():
@@ -470,8 +502,9 @@ def test_importance_rejects_non_contiguous_query_head_dim():
 
 @st.composite
 def compact_case(draw):
+    layout = draw(st.sampled_from(LAYOUTS))
     num_kv_heads = draw(st.sampled_from([1, 2, 4]))
-    block_size = draw(st.sampled_from([1, 3, 16, 32]))
+    block_size = draw(st.sampled_from([16, 32] if layout in TILED else [1, 3, 16, 32]))
     num_requests = draw(st.integers(1, 3))
     lengths, kept = [], []
     for _ in range(num_requests):
@@ -479,11 +512,11 @@ def compact_case(draw):
         lengths.append(n)
         kept.append(draw(st.sampled_from([0, n, draw(st.integers(0, n))])))
     return dict(
-        layout=draw(st.sampled_from(LAYOUTS)),
-        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.uint8])),
+        layout=layout,
+        dtype=draw(st.sampled_from([*FLOAT_DTYPES, *FP8_DTYPES, torch.uint8])),
         num_kv_heads=num_kv_heads,
         block_size=block_size,
-        head_dim=draw(st.sampled_from([1, 8, 24, 64])),
+        head_dim=draw(st.sampled_from([16, 64] if layout in TILED else [1, 8, 24, 64])),
         lengths=lengths,
         kept=kept,
         shared=draw(st.booleans()),
@@ -501,15 +534,13 @@ def build_keep_indices(lengths, kept, index_sets, gen, pad=2):
 
 
 def assert_compacted(key_after, value_after, key_before, value_before, table, keep, kept, owned_blocks):
-    block_size = key_before.shape[1]
+    _, block_size, num_kv_heads, _ = ref.paged_shape(key_before)
     for r, count in enumerate(kept):
-        blocks = table[r].long()
-        for g in range(key_before.shape[2]):
+        for g in range(num_kv_heads):
             src = keep[r, 0 if keep.shape[1] == 1 else g, :count].long()
-            dst = torch.arange(count)
             for after, before in ((key_after, key_before), (value_after, value_before)):
-                moved = after[blocks[dst // block_size], dst % block_size, g]
-                original = before[blocks[src // block_size], src % block_size, g]
+                moved = ref.paged_tokens(after, table[r], count)[:, g]
+                original = ref.paged_tokens(before, table[r], table.shape[1] * block_size)[src, g]
                 assert torch.equal(bits(moved), bits(original))
     foreign = [b for b in range(key_before.shape[0]) if b not in owned_blocks]
     for after, before in ((key_after, key_before), (value_after, value_before)):
@@ -547,7 +578,7 @@ def test_compact_overlapping_shift_by_one(layout, shared):
     gen = torch.Generator().manual_seed(5)
     n, block_size, num_kv_heads = 50, 16, 2
     table, num_blocks = make_block_table([n], block_size, gen)
-    _, key, value = make_caches(layout, num_blocks, block_size, num_kv_heads, 8, torch.float32, gen)
+    _, key, value = make_caches(layout, num_blocks, block_size, num_kv_heads, 16, torch.float32, gen)
     keep = torch.arange(1, n, dtype=torch.int32).view(1, 1, -1).repeat(1, 1 if shared else num_kv_heads, 1)
     num_kept = torch.tensor([n - 1], dtype=torch.int32)
     key_before, value_before = key.clone(), value.clone()

@@ -56,6 +56,27 @@ def test_importance_cuda_matches_reference(case):
     torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_importance_cuda_reads_fp8_keys(kv_dtype, dtype):
+    """FlashAttention's fp8 KV cache: keys stored in fp8, queries in the model's dtype."""
+    case = dict(
+        layout="flash_hnd", dtype=dtype, kv_dtype=kv_dtype, num_kv_heads=2, num_q_heads=8, head_dim=128, block_size=16,
+        seq_lens=[300, 65], q_lens=[300, 33], min_pos=[0, 40], temperature=2.0, pass_lse=False, seed=11,
+    )
+    actual, expected = importance_both_ways(case, pass_lse=False)
+    torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
+
+
+def test_tiled_views_are_cpu_only():
+    gen = torch.Generator().manual_seed(0)
+    _, key, value = make_caches("vllm_amx", 4, 16, 2, 32, torch.bfloat16, gen)
+    table = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
+    keep = torch.zeros(1, 1, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="tiled views are CPU cache layouts"):
+        torch.ops.prefixkv.compact(key.cuda(), value.cuda(), table, keep, torch.ones(1, dtype=torch.int32, device="cuda"))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256, 40])
 @pytest.mark.parametrize("group", [1, 4, 8])

@@ -321,7 +321,7 @@ BAD_SETTINGS = {
     "profile path": (("--kv-policy", "prefixkv", "--kv-profile", "/nonexistent/profile.json"), "prefixkv: error: --kv-profile /nonexistent/profile.json: cannot read profile"),
     "tiers": (("--kv-policy", "prefixkv", "--kv-tiers", "7"), "prefixkv: error: --kv-tiers 7 must divide the model's 30 layers evenly"),
     "loss range": (("--kv-policy", "prefixkv", "--kv-budget", "0.02"), "prefixkv: error: --kv-criterion loss: the loss criterion measures keep ratios from 0.05; budget 0.02 is below"),
-    "fp8 cache": (("--kv-policy", "uniform", "--kv-cache-dtype", "fp8"), "prefixkv: error: PrefixKV does not support quantized KV caches (--kv-cache-dtype fp8)"),
+    "per-token cache scales": (("--kv-policy", "uniform", "--kv-cache-dtype", "int8_per_token_head"), "prefixkv: error: PrefixKV does not support --kv-cache-dtype int8_per_token_head (fp8, fp8_e4m3 and fp8_e5m2 are supported)"),
     "backend": (("--kv-policy", "uniform", "--attention-backend", "FLASH_ATTN"), "prefixkv: error: PrefixKV runs its own attention backend (CUSTOM, wrapping the stock one); drop --attention-backend FLASH_ATTN"),
     "connector": (("--kv-policy", "uniform", "--kv-transfer-config", '{"kv_connector": "ExampleConnector", "kv_role": "kv_both"}'), "prefixkv: error: PrefixKV does not support KV connectors (--kv-transfer-config)"),
     "mismatched profile": ((), "profile is for other"),

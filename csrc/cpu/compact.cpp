@@ -3,8 +3,9 @@
 // Every index is validated before anything is written, so a rejected call
 // leaves both caches untouched. The copy then runs in parallel over
 // (request, kv head): each pair owns its head's slots in the request's blocks.
-// Rows are copied as raw bytes (element size from the dtype), so any cache
-// dtype works, fp8/uint8 included.
+// Elements are copied as raw bytes (element size from the dtype), so any cache
+// dtype works, fp8/uint8 included, in either paged form (ops.h): a slot's
+// elements are found through per-slot and per-dim byte offsets.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -27,9 +28,9 @@ void compact_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
 
   const int64_t num_requests = num_kept.size(0);
   const int64_t num_blocks = key_cache.size(0);
-  const int64_t block_size = key_cache.size(1);
-  const int64_t num_kv_heads = key_cache.size(2);
-  const int64_t head_dim = key_cache.size(3);
+  const int64_t block_size = paged_block_size(key_cache);
+  const int64_t num_kv_heads = paged_num_kv_heads(key_cache);
+  const int64_t head_dim = paged_head_dim(key_cache);
   const at::Tensor bt = block_table.contiguous();
   const at::Tensor keep = keep_indices.contiguous();
   const at::Tensor kept = num_kept.contiguous();
@@ -69,15 +70,29 @@ void compact_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
   }
   if (head_dim == 0 || num_kv_heads == 0) return;
 
+  const int64_t element_size = static_cast<int64_t>(key_cache.element_size());
+  // Byte offsets of every slot in a block and every dim in a slot, from the tiled view.
   struct Cache {
     char* data;
-    int64_t block_stride, slot_stride, head_stride, dim_stride;  // in bytes
+    int64_t block_stride, head_stride;
+    std::vector<int64_t> slot_offsets, dim_offsets;
+    bool contiguous_dims;  // a slot's head_dim is one run of bytes
   };
-  const int64_t element_size = static_cast<int64_t>(key_cache.element_size());
-  auto describe = [element_size](at::Tensor& c) {
-    return Cache{static_cast<char*>(c.data_ptr()), c.stride(0) * element_size,
-                 c.stride(1) * element_size, c.stride(2) * element_size,
-                 c.stride(3) * element_size};
+  auto describe = [&](at::Tensor& cache) {
+    const at::Tensor c = tiled_view(cache);
+    auto offsets = [&](int64_t hi, int64_t lo, int64_t count) {
+      std::vector<int64_t> out(count);
+      for (int64_t i = 0; i < count; ++i) {
+        out[i] = ((i / c.size(lo)) * c.stride(hi) + (i % c.size(lo)) * c.stride(lo)) * element_size;
+      }
+      return out;
+    };
+    Cache result{static_cast<char*>(cache.data_ptr()), c.stride(0) * element_size,
+                 c.stride(3) * element_size, offsets(1, 2, block_size), offsets(4, 5, head_dim), true};
+    for (int64_t d = 0; d < head_dim; ++d) {
+      result.contiguous_dims = result.contiguous_dims && result.dim_offsets[d] == d * element_size;
+    }
+    return result;
   };
   const Cache caches[2] = {describe(key_cache), describe(value_cache)};
   const size_t row_bytes = static_cast<size_t>(head_dim * element_size);
@@ -100,13 +115,13 @@ void compact_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
       const int64_t sb = blocks[src / block_size], ss = src % block_size;
       const int64_t db = blocks[t / block_size], ds = t % block_size;
       for (const Cache& c : caches) {
-        char* dst_ptr = c.data + db * c.block_stride + ds * c.slot_stride + g * c.head_stride;
-        const char* src_ptr = c.data + sb * c.block_stride + ss * c.slot_stride + g * c.head_stride;
-        if (c.dim_stride == element_size || head_dim == 1) {
+        char* dst_ptr = c.data + db * c.block_stride + c.slot_offsets[ds] + g * c.head_stride;
+        const char* src_ptr = c.data + sb * c.block_stride + c.slot_offsets[ss] + g * c.head_stride;
+        if (c.contiguous_dims) {
           std::memmove(dst_ptr, src_ptr, row_bytes);
-        } else {  // vLLM's CPU cache stores keys transposed: strided head_dim
+        } else {  // vLLM's CPU caches store keys transposed, and AMX tiles them
           for (int64_t d = 0; d < head_dim; ++d) {
-            std::memcpy(dst_ptr + d * c.dim_stride, src_ptr + d * c.dim_stride, element_size);
+            std::memcpy(dst_ptr + c.dim_offsets[d], src_ptr + c.dim_offsets[d], element_size);
           }
         }
       }

@@ -86,12 +86,25 @@ inline v8f exp_v8(v8f x) {
   return y * (v8f)bits;  // same-size vector cast reinterprets the bits
 }
 
+// Key (block, slot, head, dim) lives at data + block * block_stride +
+// slot_offsets[slot] + head * head_stride + dim_offsets[dim]: the offset
+// tables cover every paged form, strided or tiled (ops.h).
 template <typename scalar_t>
 struct PagedKeys {
   const scalar_t* data;
-  int64_t block_stride, slot_stride, head_stride, dim_stride;
+  int64_t block_stride, head_stride;
   int64_t block_size;
+  const int64_t* slot_offsets;  // [block_size]
+  const int64_t* dim_offsets;   // [head_dim]
 };
+
+// Element offsets of each index of a tiled dimension pair (sizes n_hi x n_lo).
+std::vector<int64_t> tile_offsets(int64_t n_lo, int64_t stride_hi, int64_t stride_lo,
+                                  int64_t count) {
+  std::vector<int64_t> offsets(count);
+  for (int64_t i = 0; i < count; ++i) offsets[i] = (i / n_lo) * stride_hi + (i % n_lo) * stride_lo;
+  return offsets;
+}
 
 // Copies keys [k0, k0 + n) of kv head `head` into Kt, transposed to
 // [D][kKeyTile] float; columns n..kKeyTile-1 are zeroed.
@@ -102,11 +115,11 @@ void gather_key_tile(const PagedKeys<scalar_t>& keys, const int32_t* block_ids,
     const int64_t t = k0 + j;
     const int64_t block = block_ids[t / keys.block_size];
     const scalar_t* src = keys.data + block * keys.block_stride +
-                          (t % keys.block_size) * keys.slot_stride +
+                          keys.slot_offsets[t % keys.block_size] +
                           head * keys.head_stride;
-    // vLLM's CPU cache stores keys transposed, so head_dim may be strided.
+    // vLLM's CPU caches store keys transposed or tiled: head_dim is rarely contiguous.
     for (int d = 0; d < head_dim; ++d) {
-      Kt[static_cast<int64_t>(d) * kKeyTile + j] = static_cast<float>(src[d * keys.dim_stride]);
+      Kt[static_cast<int64_t>(d) * kKeyTile + j] = static_cast<float>(src[keys.dim_offsets[d]]);
     }
   }
   if (n < kKeyTile) {
@@ -232,21 +245,27 @@ int num_threads_for_op() {
 
 template <typename scalar_t>
 void importance_impl(const at::Tensor& qf,  // [T, Hq, D] float, contiguous
-                     const at::Tensor& key_cache, const int32_t* block_table,
+                     const at::Tensor& key_cache,  // tiled 6-D view
+                     const int32_t* block_table,
                      int64_t bt_stride, const std::vector<SeqInfo>& seqs,
                      float scale, at::Tensor& scores, at::Tensor& lse_buf,
                      bool have_lse) {
   const int64_t num_q_heads = qf.size(1);
   const int head_dim = static_cast<int>(qf.size(2));
-  const int64_t num_kv_heads = key_cache.size(2);
+  const int64_t num_kv_heads = key_cache.size(3);
   const int64_t group = num_q_heads / num_kv_heads;
   const float* q_data = qf.data_ptr<float>();
   float* lse_data = lse_buf.data_ptr<float>();  // [Hq, T] contiguous
   const int64_t num_tokens = qf.size(0);
 
+  const int64_t block_size = key_cache.size(1) * key_cache.size(2);
+  const std::vector<int64_t> slot_offsets =
+      tile_offsets(key_cache.size(2), key_cache.stride(1), key_cache.stride(2), block_size);
+  const std::vector<int64_t> dim_offsets =
+      tile_offsets(key_cache.size(5), key_cache.stride(4), key_cache.stride(5), head_dim);
   PagedKeys<scalar_t> keys{key_cache.data_ptr<scalar_t>(), key_cache.stride(0),
-                           key_cache.stride(1), key_cache.stride(2),
-                           key_cache.stride(3), key_cache.size(1)};
+                           key_cache.stride(3), block_size, slot_offsets.data(),
+                           dim_offsets.data()};
   const int nthreads = num_threads_for_op();
 
   auto q_row = [&](int64_t token, int64_t head) {
@@ -427,7 +446,7 @@ void importance_cpu(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t batch = seq_lens.size(0);
   const int64_t num_tokens = query.size(0);
   const int64_t num_blocks = key_cache.size(0);
-  const int64_t block_size = key_cache.size(1);
+  const int64_t block_size = paged_block_size(key_cache);
   const at::Tensor bt = block_table.contiguous();
   const at::Tensor qsl = query_start_loc.contiguous();
   const at::Tensor sl = seq_lens.contiguous();
@@ -475,9 +494,11 @@ void importance_cpu(const at::Tensor& query, const at::Tensor& key_cache,
                            : at::empty({query.size(1), num_tokens},
                                        query.options().dtype(at::kFloat));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, key_cache.scalar_type(), "importance_cpu", [&] {
-        importance_impl<scalar_t>(qf, key_cache, bt_data, bt_stride, seqs,
+  const at::Tensor keys = tiled_view(key_cache);
+  AT_DISPATCH_FLOATING_TYPES_AND4(
+      at::kBFloat16, at::kHalf, at::kFloat8_e4m3fn, at::kFloat8_e5m2,
+      key_cache.scalar_type(), "importance_cpu", [&] {
+        importance_impl<scalar_t>(qf, keys, bt_data, bt_stride, seqs,
                                   static_cast<float>(scale), scores, lse_buf,
                                   lse.has_value());
       });

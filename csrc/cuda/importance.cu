@@ -30,6 +30,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include "launchers.h"
@@ -53,6 +54,8 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) {
   return __bfloat162float(x);
 }
+__device__ __forceinline__ float to_float(__nv_fp8_e4m3 x) { return static_cast<float>(x); }
+__device__ __forceinline__ float to_float(__nv_fp8_e5m2 x) { return static_cast<float>(x); }
 
 // Copies up to kTile rows of head_dim elements into a padded float tile
 // ([kTile][ld]); rows >= num_rows are zero-filled so that unused lanes compute
@@ -314,8 +317,9 @@ cudaError_t dispatch_query(ScalarKind query_kind, F&& f) {
       return f(static_cast<__half*>(nullptr), static_cast<KT*>(nullptr));
     case ScalarKind::kBFloat16:
       return f(static_cast<__nv_bfloat16*>(nullptr), static_cast<KT*>(nullptr));
+    default:  // fp8 queries do not occur
+      return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
 }
 
 template <typename F>
@@ -327,6 +331,10 @@ cudaError_t dispatch_types(ScalarKind query_kind, ScalarKind key_kind, F&& f) {
       return dispatch_query<__half>(query_kind, f);
     case ScalarKind::kBFloat16:
       return dispatch_query<__nv_bfloat16>(query_kind, f);
+    case ScalarKind::kFloat8E4M3:
+      return dispatch_query<__nv_fp8_e4m3>(query_kind, f);
+    case ScalarKind::kFloat8E5M2:
+      return dispatch_query<__nv_fp8_e5m2>(query_kind, f);
   }
   return cudaErrorInvalidValue;
 }

@@ -21,11 +21,14 @@
 namespace prefixkv {
 namespace cuda {
 
-// Floating-point element types the importance kernels read.
+// Floating-point element types the importance kernels read (fp8: keys only,
+// stored as key / k_scale; the caller folds k_scale into `scale`).
 enum class ScalarKind : int {
   kFloat32 = 0,
-  kFloat16 = 1,   // __half
-  kBFloat16 = 2,  // __nv_bfloat16
+  kFloat16 = 1,     // __half
+  kBFloat16 = 2,    // __nv_bfloat16
+  kFloat8E4M3 = 3,  // __nv_fp8_e4m3
+  kFloat8E5M2 = 4,  // __nv_fp8_e5m2
 };
 
 struct ImportanceParams {

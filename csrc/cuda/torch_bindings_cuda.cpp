@@ -30,9 +30,13 @@ cuda::ScalarKind scalar_kind(const at::Tensor& t, const char* op, const char* na
       return cuda::ScalarKind::kFloat16;
     case at::kBFloat16:
       return cuda::ScalarKind::kBFloat16;
+    case at::kFloat8_e4m3fn:
+      return cuda::ScalarKind::kFloat8E4M3;
+    case at::kFloat8_e5m2:
+      return cuda::ScalarKind::kFloat8E5M2;
     default:
       TORCH_CHECK(false, op, ": the CUDA kernel does not support ", name, " of dtype ",
-                  t.scalar_type(), " (float32, float16 and bfloat16 are supported)");
+                  t.scalar_type(), " (float32, float16, bfloat16 and, for keys, fp8 are supported)");
   }
 }
 
@@ -41,8 +45,11 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 // The CUDA kernels copy head_dim rows with vector loads, as laid out by
-// FlashAttention's cache; the CPU kernels also take strided head dims.
+// FlashAttention's cache; the CPU kernels also take strided and tiled views.
 void check_contiguous_head_dim(const at::Tensor& cache, const char* op, const char* name) {
+  TORCH_CHECK(cache.dim() == 4, op, ": ", name,
+              " must be a [num_blocks, block_size, Hkv, D] view on CUDA (tiled views are CPU cache layouts), "
+              "got shape ", cache.sizes());
   TORCH_CHECK(cache.size(3) <= 1 || cache.stride(3) == 1, op, ": ", name,
               " head_dim must be contiguous on CUDA (stride(3) == 1), got strides ", cache.strides());
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from . import reference
+from .reference import paged_shape
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
@@ -44,12 +45,16 @@ def importance(
     *,
     min_query_pos: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    k_scale: float = 1.0,
 ) -> None:
-    """Accumulate per-KV-head attention received by each cached key; see ``reference.importance``."""
+    """Accumulate per-KV-head attention received by each cached key; see ``reference.importance``.
+
+    ``k_scale``: an fp8 cache's key scale (it stores ``key / k_scale``).
+    """
     if min_query_pos is None:
         min_query_pos = torch.zeros_like(seq_lens)
     torch.ops.prefixkv.importance(
-        query, key_cache, block_table, query_start_loc, seq_lens, min_query_pos, float(scale), scores, lse
+        query, key_cache, block_table, query_start_loc, seq_lens, min_query_pos, float(scale) * k_scale, scores, lse
     )
 
 
@@ -64,4 +69,4 @@ def compact(
     torch.ops.prefixkv.compact(key_cache, value_cache, block_table, keep_indices, num_kept)
 
 
-__all__ = ["compact", "importance", "reference"]
+__all__ = ["compact", "importance", "paged_shape", "reference"]

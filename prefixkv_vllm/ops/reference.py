@@ -5,13 +5,21 @@ the kernel tests compare against them. The same contract holds on CPU and CUDA.
 
 Paged cache views
 -----------------
-Both ops take the key (and value) cache as a 4-D view
-``[num_blocks, block_size, num_kv_heads, head_dim]`` with arbitrary strides.
-vLLM's FlashAttention layout is that view of its cache directly; its CPU layout
-stores each (block, head) page's keys transposed and its values token-major,
-which are strided views too (see ``backends/cpu_attn.token_major_views``). The
-CUDA kernels need ``head_dim`` contiguous, as FlashAttention lays it out. Token
-``t`` of a sequence lives at ``cache[block_table[t // block_size], t % block_size]``.
+Both ops take the key (and value) cache as a view with arbitrary strides, in one
+of two forms:
+
+* ``[num_blocks, block_size, num_kv_heads, head_dim]``: vLLM's FlashAttention cache
+  directly, and its CPU vec/vec16 caches (keys transposed, a strided head_dim);
+* tiled, ``[num_blocks, block_size // slot_tile, slot_tile, num_kv_heads,
+  head_dim // dim_tile, dim_tile]``: token slot ``s`` is ``(s // slot_tile, s %
+  slot_tile)`` and dim ``d`` is ``(d // dim_tile, d % dim_tile)``. vLLM's CPU AMX
+  cache interleaves pairs of dims (keys) or of slots (values) this way (see
+  ``backends/cpu_attn``); the first form is the tiled one with one tile each.
+
+Token ``t`` of a sequence lives in block ``block_table[t // block_size]``, slot
+``t % block_size``. The CUDA kernels take the first form with ``head_dim``
+contiguous. A quantized (fp8) cache holds ``key / k_scale``: ``importance`` reads
+the stored values, so its caller folds ``k_scale`` into ``scale``.
 """
 
 from __future__ import annotations
@@ -19,12 +27,34 @@ from __future__ import annotations
 import torch
 
 
+def tiled(cache: torch.Tensor) -> torch.Tensor:
+    """The 6-D tiled form of a paged view (a 4-D view gets one tile each; no copy)."""
+    if cache.dim() == 6:
+        return cache
+    if cache.dim() != 4:
+        raise ValueError(f"a paged cache view is 4-D or 6-D, got shape {tuple(cache.shape)}")
+    return cache[:, None, :, :, None, :]
+
+
+def paged_shape(cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(num_blocks, block_size, num_kv_heads, head_dim)`` of a paged view in either form."""
+    num_blocks, slot_tiles, slot_tile, num_kv_heads, dim_tiles, dim_tile = tiled(cache).shape
+    return num_blocks, slot_tiles * slot_tile, num_kv_heads, dim_tiles * dim_tile
+
+
+def _slot_index(cache6: torch.Tensor, block_ids: torch.Tensor, positions: torch.Tensor):
+    """Index of token ``positions`` into a tiled view: ``cache6[index]`` is ``[n, Hkv, dim_tiles, dim_tile]``."""
+    slot_tile = cache6.shape[2]
+    block_size = cache6.shape[1] * slot_tile
+    slots = positions % block_size
+    return block_ids.to(torch.long)[positions // block_size], slots // slot_tile, slots % slot_tile
+
+
 def paged_tokens(cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Gather the first ``num_tokens`` tokens of one sequence: ``[num_tokens, H, D]``."""
-    block_size = cache.shape[1]
+    cache6 = tiled(cache)
     positions = torch.arange(num_tokens, device=cache.device)
-    blocks = block_ids.to(torch.long)[positions // block_size]
-    return cache[blocks, positions % block_size]
+    return cache6[_slot_index(cache6, block_ids, positions)].flatten(2)
 
 
 def attention_lse(
@@ -37,7 +67,7 @@ def attention_lse(
 ) -> torch.Tensor:
     """Causal row log-sum-exp of ``scale * q.k`` for every query: ``[Hq, T]`` float32."""
     num_tokens, num_q_heads, _ = query.shape
-    num_kv_heads = key_cache.shape[2]
+    num_kv_heads = paged_shape(key_cache)[2]
     group = num_q_heads // num_kv_heads
     lse = torch.empty(num_q_heads, num_tokens, dtype=torch.float32, device=query.device)
     for b in range(seq_lens.numel()):
@@ -65,7 +95,8 @@ def importance(
 
     Args:
         query: ``[T, Hq, D]`` queries of this prefill chunk, all sequences packed.
-        key_cache: paged key view (see module doc); must already hold this chunk's keys.
+        key_cache: paged key view (see module doc), float or fp8; must already hold
+            this chunk's keys.
         block_table: ``[B, max_blocks]`` int32.
         query_start_loc: ``[B + 1]`` int32 offsets of each sequence's queries in ``query``.
         seq_lens: ``[B]`` int32 context length including this chunk. Query ``i`` of
@@ -73,7 +104,7 @@ def importance(
             and sees keys ``0..position`` (causal).
         min_query_pos: ``[B]`` int32. Queries at absolute positions below it add
             nothing: 0 scores every query, ``prompt_len - w`` the last ``w`` (window).
-        scale: softmax scale.
+        scale: softmax scale (times ``k_scale`` for an fp8 cache).
         scores: ``[B, Hkv, max_keys]`` float32, updated in place:
             ``scores[b, g, j] += sum_i mean_{h in group g} softmax(scale * q_i.K)[h, j]``.
             Entries at ``j >= seq_lens[b]`` are left untouched.
@@ -84,7 +115,7 @@ def importance(
     the kernels stream over key tiles.
     """
     num_tokens, num_q_heads, _ = query.shape
-    num_kv_heads = key_cache.shape[2]
+    num_kv_heads = paged_shape(key_cache)[2]
     group = num_q_heads // num_kv_heads
     if lse is None:
         lse = attention_lse(query, key_cache, block_table, query_start_loc, seq_lens, scale)
@@ -122,22 +153,19 @@ def compact(
     After the call, token slot ``t < num_kept[r]`` of head ``g`` holds what slot
     ``keep_indices[r, g or 0, t]`` held before. Other slots are unspecified.
     """
-    num_kv_heads = key_cache.shape[2]
+    _, _, num_kv_heads, _ = paged_shape(key_cache)
     shared = keep_indices.shape[1] == 1
-    block_size = key_cache.shape[1]
+    caches = (tiled(key_cache), tiled(value_cache))
     for r in range(num_kept.numel()):
         count = int(num_kept[r])
         if count == 0:
             continue
-        blocks = block_table[r].to(torch.long)
         for g in range(num_kv_heads):
             src = keep_indices[r, 0 if shared else g, :count].to(torch.long)
             dst = torch.arange(count, device=src.device)
-            src_block, src_slot = blocks[src // block_size], src % block_size
-            dst_block, dst_slot = blocks[dst // block_size], dst % block_size
-            for cache in (key_cache, value_cache):
-                gathered = cache[src_block, src_slot, g].clone()
-                cache[dst_block, dst_slot, g] = gathered
+            for cache in caches:
+                gathered = cache[(*_slot_index(cache, block_table[r], src), g)].clone()
+                cache[(*_slot_index(cache, block_table[r], dst), g)] = gathered
 
 
 def _causal_logits(q, key_cache, block_ids, seq_len, group, scale):

@@ -12,6 +12,7 @@ from ..policy import Profile, ProfileError
 from ..policy.costs import ratio_at
 from ..policy.layers import describe_layer_kinds, full_attention_layers
 from ..policy.paged import evicted_tokens
+from .backends import FP8_CACHE_DTYPES
 from .config import PrefixKVConfig, PrefixKVConfigError
 from .kv_spec import PrefixKVAttentionSpec
 
@@ -92,9 +93,9 @@ def _check_supported(vllm_config) -> None:
     if vllm_config.speculative_config is not None:
         reasons.append("speculative decoding")
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    if cache_dtype not in UNQUANTIZED_CACHE_DTYPES:
-        # Compaction would move quantized bytes fine; scoring would read keys without their scales.
-        reasons.append(f"quantized KV caches (--kv-cache-dtype {cache_dtype})")
+    if cache_dtype not in UNQUANTIZED_CACHE_DTYPES and cache_dtype not in FP8_CACHE_DTYPES:
+        # Compaction moves any bytes; scoring reads keys with one scale per tensor, not per token or block.
+        reasons.append(f"--kv-cache-dtype {cache_dtype} (fp8, fp8_e4m3 and fp8_e5m2 are supported)")
     if vllm_config.use_v2_model_runner:
         reasons.append("Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
     # Each of these makes the scheduler's block accounting and the worker's compaction

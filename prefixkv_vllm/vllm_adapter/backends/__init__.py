@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import functools
 
+import torch
+
 from ..config import PrefixKVConfigError
+
+# The quantized KV caches PrefixKV reads (fp8 per tensor, stored as key / k_scale), and
+# how their bytes read on the CPU (FlashAttention reads them as the platform's fp8 dtype).
+FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 # Platform -> the PrefixKV backend wrapping its stock attention.
 BACKENDS = {

@@ -18,7 +18,8 @@ the ``torch.ops.prefixkv`` ops, which exist for CPU and CUDA.
 
 ``PrefixKVBuilderMixin`` and ``PrefixKVImplMixin`` wrap a stock backend's
 builder and impl with these two steps; a backend file only says how to view
-its cache as ``[num_blocks, block_size, Hkv, D]`` keys and values.
+its cache as paged keys and values (``ops.reference``: ``[num_blocks,
+block_size, Hkv, D]`` or its tiled form, in the cache's own dtype, fp8 included).
 """
 
 from __future__ import annotations
@@ -294,37 +295,55 @@ def _score_work(rows, starts, computed, start_before, block_size, effective_tabl
     )
 
 
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point and dtype.itemsize == 1
+
+
+@dataclass(frozen=True)
+class Scales:
+    """How to read the layer's attention inputs: its softmax scale, and the scales of
+    fp8 keys (stored as ``key / k``) and of fp8 queries (FlashAttention can quantize them)."""
+
+    softmax: float
+    k: float = 1.0
+    q: float = 1.0
+
+
 def after_attention(
     work: StepWork,
     layer_name: str,
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    scale: float,
+    scales: Scales,
 ) -> None:
     """Score this step's queries, then move the runs of the rows whose layout moves.
 
-    ``key_cache``/``value_cache`` are ``[num_blocks, block_size, Hkv, D]`` views.
+    ``key_cache``/``value_cache`` are paged views (``ops.reference``).
     """
-    num_kv_heads = key_cache.shape[2]
+    num_kv_heads = ops.paged_shape(key_cache)[2]
     if work.score is not None:
-        _accumulate_scores(work, layer_name, query, key_cache, scale, num_kv_heads)
+        _accumulate_scores(work, layer_name, query, key_cache, scales, num_kv_heads)
     if work.compact is not None:
         _compact(work, layer_name, key_cache, value_cache, num_kv_heads)
 
 
-def _accumulate_scores(work, layer_name, query, key_cache, scale, num_kv_heads):
+def _accumulate_scores(work, layer_name, query, key_cache, scales, num_kv_heads):
     score = work.score
     chunk = torch.zeros(len(score.rows), num_kv_heads, max(score.sizes), dtype=torch.float32, device=query.device)
+    scored = query.index_select(0, score.token_index)
+    if is_fp8(scored.dtype):  # the ops read float queries
+        scored = scored.float() * scales.q
     ops.importance(
-        query.index_select(0, score.token_index),
+        scored,
         key_cache,
         score.block_table,
         score.query_start_loc,
         score.seq_lens,
-        scale,
+        scales.softmax,
         chunk,
         min_query_pos=score.min_query_pos,
+        k_scale=scales.k,
     )
     for index, row in enumerate(score.rows):
         size = score.sizes[index]
@@ -489,15 +508,18 @@ class PrefixKVBuilderMixin:
 class PrefixKVImplMixin:
     """Runs the stock attention, then scores and compacts the layer's cache."""
 
-    @staticmethod
-    def token_major_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def paged_views(self, layer, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's cache as paged key and value views (``ops.reference``), in its stored dtype."""
         raise NotImplementedError
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         output = super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         work = getattr(attn_metadata, "prefixkv", None)
         if work is not None:
-            key_cache, value_cache = self.token_major_views(kv_cache)
+            key_cache, value_cache = self.paged_views(layer, kv_cache)
+            scales = Scales(self.scale)
+            if is_fp8(key_cache.dtype):  # vLLM's per-layer scales
+                scales = Scales(self.scale, k=layer._k_scale_float, q=layer._q_scale_float)
             num_tokens = attn_metadata.num_actual_tokens
-            after_attention(work, layer.layer_name, query[:num_tokens], key_cache, value_cache, self.scale)
+            after_attention(work, layer.layer_name, query[:num_tokens], key_cache, value_cache, scales)
         return output

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -18,6 +19,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadata,
     FlashAttentionMetadataBuilder,
 )
+from vllm.v1.kv_cache_interface import is_quantized_kv_cache
 
 from .core import PrefixKVBuilderMixin, PrefixKVImplMixin, StepWork
 
@@ -34,15 +36,23 @@ class PrefixKVFlashAttentionMetadataBuilder(PrefixKVBuilderMixin, FlashAttention
     supports_update_block_table = False
 
 
-def token_major_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention's ``[blocks, H, N, 2D]`` cache as ``[blocks, N, H, D]`` K and V views."""
+def paged_views(kv_cache: torch.Tensor, fp8_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention's ``[blocks, H, N, 2D]`` cache as ``[blocks, N, H, D]`` K and V views.
+
+    ``fp8_dtype``: how an fp8 cache's bytes read (vLLM allocates them as bytes).
+    """
+    if fp8_dtype is not None:
+        kv_cache = kv_cache.view(fp8_dtype)
     head_dim = kv_cache.shape[-1] // 2
     key_cache, value_cache = kv_cache.transpose(1, 2).split(head_dim, dim=-1)
     return key_cache, value_cache
 
 
 class PrefixKVFlashAttentionImpl(PrefixKVImplMixin, FlashAttentionImpl):
-    token_major_views = staticmethod(token_major_views)
+    def paged_views(self, layer, kv_cache):
+        # As FlashAttentionImpl.forward reads a quantized cache.
+        fp8_dtype = current_platform.fp8_dtype() if is_quantized_kv_cache(self.kv_cache_dtype) else None
+        return paged_views(kv_cache, fp8_dtype)
 
 
 class PrefixKVFlashAttentionBackend(FlashAttentionBackend):

@@ -1,0 +1,102 @@
+"""End to end in the dtypes CPU users serve with: bf16 models, and fp8 KV caches.
+
+vLLM runs bf16 attention on its 'amx' kernel where the CPU has AMX and on 'vec'
+elsewhere; fp8 KV caches need AVX-512. Each case checks, against stock vLLM in the same
+dtypes: the kernel PrefixKV read, that a request at budget 1 decodes stock's greedy
+tokens, and that KV usage while decoding is what the block arithmetic says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import requests
+
+pytest.importorskip("vllm")
+
+from prefixkv_vllm.policy import Profile  # noqa: E402
+from prefixkv_vllm.policy.paged import PagedLayout, live_blocks  # noqa: E402
+from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
+from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig  # noqa: E402
+
+from .cpu_features import HAS_AMX, needs_avx512  # noqa: E402
+from .test_vllm_serve import CHAT_PROMPTS, DEFAULT_PROFILE  # noqa: E402
+from .vllm_server import serve  # noqa: E402
+
+BLOCK = 32  # tests/vllm_server.py's --block-size
+# Pools of about the same tokens: stock puts all 30 layers in one block, PrefixKV one layer.
+STOCK_BLOCKS, COMPRESSED_BLOCKS = 200, 6000
+SETTINGS = {
+    "bf16": ("--dtype", "bfloat16"),
+    "bf16-fp8": ("--dtype", "bfloat16", "--kv-cache-dtype", "fp8"),
+}
+
+
+@pytest.fixture(scope="module", params=[pytest.param("bf16"), pytest.param("bf16-fp8", marks=needs_avx512)])
+def servers(request, tmp_path_factory):
+    model, log_dir, settings = str(demo_model_path()), tmp_path_factory.mktemp("vllm-logs"), SETTINGS[request.param]
+    blocks = ("--max-model-len", "4096", "--num-gpu-blocks-override")  # a 6,400-token pool holds 4096
+    with (
+        serve(model, *settings, *blocks, str(STOCK_BLOCKS), env={"VLLM_PLUGINS": ""}, log_dir=log_dir) as stock,
+        serve(model, *settings, *blocks, str(COMPRESSED_BLOCKS), "--kv-policy", "prefixkv", *DEFAULT_PROFILE, log_dir=log_dir) as compressed,
+    ):
+        yield request.param, stock, compressed
+
+
+def greedy_tokens(server, prompt: str, **extra) -> list[str]:
+    return [t["token"] for t in server.chat(prompt, logprobs=True, **extra)["choices"][0]["logprobs"]["content"]]
+
+
+def test_the_log_names_the_kernel_and_cache_read(servers):
+    name, _, compressed = servers
+    kernel = "amx" if HAS_AMX else "vec"  # vLLM's choice for a bf16 model with 64-wide heads
+    cache = "fp8" if name.endswith("fp8") else "auto"
+    assert f"vLLM's CPU attention runs the '{kernel}' kernel on a {cache} KV cache" in compressed.log()
+
+
+def test_request_budget_one_reproduces_stock_greedy_tokens(servers):
+    _, stock, compressed = servers
+    differs_at_server_budget = 0
+    for prompt in CHAT_PROMPTS:
+        expected = greedy_tokens(stock, prompt)
+        assert greedy_tokens(compressed, prompt, vllm_xargs={"kv_budget": 1.0}) == expected, prompt[:60]
+        differs_at_server_budget += greedy_tokens(compressed, prompt) != expected
+    assert differs_at_server_budget > 0  # the server's own budget does change answers
+
+
+def held_pages(prompt_len: int, computed: int, ratios) -> int:
+    """One-layer blocks a request holds after ``computed`` tokens, by the block arithmetic."""
+    defaults = PrefixKVConfig()
+    layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, defaults.decode, defaults.decode_interval)
+    allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot
+    return sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)
+
+
+def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12) -> float:
+    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    samples = []
+    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        chunks = 0
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks += 1
+                if 2 <= chunks < max_tokens:
+                    samples.append(server.metric("vllm:kv_cache_usage_perc"))
+    assert samples, "no sample was taken while the request decoded"
+    return max(samples)
+
+
+def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers):
+    _, stock, compressed = servers
+    # 1000 % 32 = 8: the 12 decode steps stay inside one block, so the holdings are constant.
+    length = 1000
+    prompt = np.random.default_rng(length).integers(100, 40000, size=length).tolist()
+    ratios = Profile.load(DEFAULT_PROFILE[1]).keep_ratios(PrefixKVConfig.budget)
+    computed = length + 1  # the first decode step has run: the prompt is compacted
+    assert max_usage_while_decoding(stock, prompt) == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6)
+    expected = held_pages(length, computed, ratios) / (COMPRESSED_BLOCKS - 1)
+    assert max_usage_while_decoding(compressed, prompt) == pytest.approx(expected, abs=1e-6)
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
