@@ -186,8 +186,8 @@ def expected_pages(prompt_len: int, generated: int, ratios: list[float] | None, 
     """
     import numpy as np
 
+    from prefixkv_vllm.config import PrefixKVConfig as defaults
     from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
-    from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig as defaults
 
     # The last generated token is not in the cache yet when it is returned.
     computed = prompt_len + max(0, generated - 1)

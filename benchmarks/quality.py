@@ -51,11 +51,11 @@ sys.path.insert(0, str(HERE))
 
 from machine import describe, serving_dtype  # noqa: E402
 
+from prefixkv_vllm.config import PrefixKVConfig  # noqa: E402
 from prefixkv_vllm.policy import CRITERIA  # noqa: E402
 from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 from prefixkv_vllm.tools.server import stop_process_group, vllm_version  # noqa: E402
-from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig  # noqa: E402
 
 SCORERS = ("raw", "mean", "window", "snapkv")
 BOOTSTRAP_SAMPLES = 10_000

@@ -49,9 +49,9 @@ HERE = Path(__file__).resolve().parent
 
 from machine import describe, serving_dtype  # noqa: E402
 
+from prefixkv_vllm.config import ADMISSION_MODES  # noqa: E402
 from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
 from prefixkv_vllm.tools.server import VLLM, ServerProcess, vllm_server, vllm_version  # noqa: E402
-from prefixkv_vllm.vllm_adapter.config import ADMISSION_MODES  # noqa: E402
 
 BLOCK_SIZE = 32
 SERVE_ARGS = ["--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]

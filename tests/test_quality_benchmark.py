@@ -124,7 +124,7 @@ def test_tiers_run_prefixkv_with_fewer_groups():
 def test_intervals_apply_to_evicting_decode_modes():
     from quality import additional_config, config_name, configurations
 
-    from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig
+    from prefixkv_vllm.config import PrefixKVConfig
 
     default = PrefixKVConfig.decode_interval
     other = 4 * default

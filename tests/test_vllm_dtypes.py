@@ -16,10 +16,10 @@ import requests
 
 pytest.importorskip("vllm")
 
+from prefixkv_vllm.config import PrefixKVConfig  # noqa: E402
 from prefixkv_vllm.policy import Profile  # noqa: E402
 from prefixkv_vllm.policy.paged import PagedLayout, live_blocks  # noqa: E402
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
-from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig  # noqa: E402
 
 from .cpu_features import HAS_AMX, needs_avx512  # noqa: E402
 from .test_vllm_serve import CHAT_PROMPTS, DEFAULT_PROFILE  # noqa: E402

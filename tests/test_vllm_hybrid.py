@@ -23,12 +23,12 @@ from vllm.v1.core.kv_cache_utils import _get_kv_cache_groups_uniform_page_size  
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec  # noqa: E402
 
+from prefixkv_vllm.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.policy.costs import allocate_by_cost  # noqa: E402
 from prefixkv_vllm.policy.layers import describe_layer_kinds, full_attention_layers  # noqa: E402
 from prefixkv_vllm.policy.paged import peak_live_blocks  # noqa: E402
 from prefixkv_vllm.policy.profile import ModelIdentity, Profile, ProfileError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.admission import Admission  # noqa: E402
-from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import layer_specs  # noqa: E402
 
@@ -298,8 +298,8 @@ def test_request_budget_one_reproduces_stock_greedy_tokens(stock, compressed):
 
 def held_pages(prompt_len: int, computed: int, ratios) -> tuple[int, int]:
     """Layer pages (one layer's block) one request holds: (full-attention layers, sliding layers), by the block arithmetic."""
+    from prefixkv_vllm.config import PrefixKVConfig as defaults
     from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
-    from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig as defaults
 
     layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, "fifo", defaults.decode_interval)
     allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot

@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
+from ..config import PrefixKVConfig
 from ..policy import (
     CRITERIA,
     SCORERS,
@@ -62,7 +63,6 @@ from ..policy import (
 from ..policy.layers import full_attention_layers
 from ..policy.profile import ModelIdentity
 from ..policy.scorers import Scorer
-from ..vllm_adapter.config import PrefixKVConfig
 
 RECIPE_VERSION = 1
 SERVING = PrefixKVConfig()  # the server's defaults are calibration's: one default per setting
@@ -383,7 +383,7 @@ def cached_calibration(model_path: str, budget: float, config: PrefixKVConfig = 
     A loss calibration is cached once for every budget (its costs do not depend on
     one: ``Profile.keep_ratios``); an attention calibration once per budget.
     """
-    from .demo_model import default_cache_dir
+    from ..config import default_cache_dir
 
     if config.criterion == "loss":
         _check_loss_budget(budget, LOSS_RATIOS)  # fail before the long part

@@ -31,7 +31,9 @@ import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["DEMO_MODELS", "DemoModelError", "cached_build", "default_cache_dir", "demo_model_path", "main", "model_path"]
+from ..config import default_cache_dir
+
+__all__ = ["DEMO_MODELS", "DemoModelError", "cached_build", "demo_model_path", "main", "model_path"]
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +76,6 @@ _MAX_MODEL_LENGTH = 8192
 
 class DemoModelError(RuntimeError):
     """The demo checkpoint could not be built; the message is one line."""
-
-
-def default_cache_dir() -> Path:
-    """``$PREFIXKV_CACHE_DIR``, else ``$XDG_CACHE_HOME/prefixkv``, else ``~/.cache/prefixkv``."""
-    explicit = os.environ.get("PREFIXKV_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    # The XDG spec says an empty value counts as unset.
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "prefixkv"
 
 
 def demo_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:

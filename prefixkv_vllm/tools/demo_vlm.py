@@ -18,7 +18,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .demo_model import cached_build, default_cache_dir, demo_model_path
+from ..config import default_cache_dir
+from .demo_model import cached_build, demo_model_path
 
 IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 256, 16, 2
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2  # per image: 256 patches, pixel-shuffled by 2x2

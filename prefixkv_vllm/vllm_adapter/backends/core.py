@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from ... import ops
+from ...config import PrefixKVConfig
 from ...policy import KVPolicy, Protection, select_tokens
 from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks
-from ..config import PrefixKVConfig
 from ..kv_spec import PrefixKVAttentionSpec
 from ..worker_state import STORE, BatchInfo, current_batch, policy_for
 

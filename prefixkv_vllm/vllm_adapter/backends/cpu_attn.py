@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from ..config import PrefixKVConfigError
+from ...config import PrefixKVConfigError
 from . import FP8_CACHE_DTYPES
 from .core import PrefixKVBuilderMixin, PrefixKVImplMixin, StepWork
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..policy import CRITERIA, POLICY_NAMES, SCORERS
-from ..policy.paged import DECODE_MODES, PagedLayout
+from .policy import CRITERIA, POLICY_NAMES, SCORERS
+from .policy.paged import DECODE_MODES, PagedLayout
 
 ADMISSION_MODES = ("reserve", "stock")
 
@@ -119,3 +121,15 @@ class PrefixKVConfig:
 
     def with_keep_ratios(self, ratios: tuple[float, ...], curves=None) -> PrefixKVConfig:
         return dataclasses.replace(self, keep_ratios=tuple(ratios), ratio_curves=curves)
+
+
+def default_cache_dir() -> Path:
+    """Where built demo models and start-up calibrations are kept: ``$PREFIXKV_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/prefixkv``, else ``~/.cache/prefixkv``."""
+    explicit = os.environ.get("PREFIXKV_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    # The XDG spec says an empty value counts as unset.
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "prefixkv"
