@@ -24,6 +24,16 @@ class PrefixKVConfigError(ValueError):
     """A setting that cannot work; raised at start-up with a one-line reason."""
 
 
+def check_budget(value: Any) -> float:
+    """The one check of a budget, the server's or a request's: a number in (0, 1], as a float.
+
+    ``ValueError`` says what is wrong; the caller names the setting.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class PrefixKVConfig:
     policy: str = "none"
@@ -70,8 +80,10 @@ class PrefixKVConfig:
     def __post_init__(self):
         if self.policy not in POLICY_NAMES:
             raise PrefixKVConfigError(f"unknown --kv-policy {self.policy!r}; choose one of {', '.join(POLICY_NAMES)}")
-        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and 0.0 < self.budget <= 1.0):
-            raise PrefixKVConfigError(f"--kv-budget must be in (0, 1], got {self.budget!r}")
+        try:
+            object.__setattr__(self, "budget", check_budget(self.budget))
+        except ValueError as exc:
+            raise PrefixKVConfigError(f"--kv-budget {exc}") from None
         if self.scorer not in SCORERS:
             raise PrefixKVConfigError(f"unknown --kv-scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
         if self.criterion not in CRITERIA:
@@ -109,8 +121,6 @@ class PrefixKVConfig:
             kwargs["ratio_curves"] = tuple(tuple((float(b), float(r)) for b, r in curve) for curve in kwargs["ratio_curves"])
         if kwargs.get("layers") is not None:
             kwargs["layers"] = tuple(int(i) for i in kwargs["layers"])
-        if isinstance(kwargs.get("budget"), (int, float)) and not isinstance(kwargs.get("budget"), bool):
-            kwargs["budget"] = float(kwargs["budget"])
         return cls(**kwargs)
 
     def to_additional_config(self) -> dict[str, Any]:

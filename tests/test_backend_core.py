@@ -13,16 +13,16 @@ from prefixkv_vllm.policy import build_policy  # noqa: E402
 from prefixkv_vllm.policy.paged import kept_prompt_blocks  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.core import Scales, after_attention, plan_step  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
-from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E402
+from prefixkv_vllm.vllm_adapter.worker_state import BatchInfo, WorkerState  # noqa: E402
 
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 16
 
 
-@pytest.fixture(autouse=True)
-def _forget_request_state():
-    # The store is process-wide: a request these tests compacted must not reach other modules' tests.
-    yield
-    STORE.drop(["r"])
+def plan_of(spec, policy, batch, qsl, seq_lens, table, seq_lens_cpu=None, state=None):
+    """``plan_step`` as a builder calls it, with ``batch`` as the runner's step (a fresh runner state by default)."""
+    state = WorkerState() if state is None else state
+    state.batch = batch
+    return plan_step(spec, policy, state, qsl, seq_lens, table, seq_lens_cpu, decode_window=32)
 
 
 def spec(ratio, sink=1, recent=1, budget=None, decode="off", interval=16):
@@ -60,14 +60,14 @@ class TestPlan:
         policy = build_policy("uniform", 0.25, scorer="mean")
         prompt = 64  # 8 blocks, keeps 2
         batch = BatchInfo(req_ids=["a"], prompt_lens=np.array([prompt]))
-        plan = plan_step(spec(0.25), policy, batch, *step_inputs([0], [prompt]))
+        plan = plan_of(spec(0.25), policy, batch, *step_inputs([0], [prompt]))
         assert plan.work.score.rows == [0] and plan.work.compact.rows == [0]
         # The 2 kept blocks' worth of tokens go to blocks 6-7, so the freed blocks are a prefix.
         assert (plan.work.compact.start_after, plan.work.compact.end_after) == ([6], [8])
         assert torch.equal(plan.seq_lens, torch.tensor([prompt], dtype=torch.int32))  # prefill reads everything
 
         qsl, seq_lens, table = step_inputs([prompt + 3], [1])
-        plan = plan_step(spec(0.25), policy, batch, qsl, seq_lens, table)
+        plan = plan_of(spec(0.25), policy, batch, qsl, seq_lens, table)
         assert plan.work is None  # decode: only the metadata changes
         freed = 8 - 2
         assert plan.seq_lens.tolist() == [prompt + 4 - freed * BLOCK]
@@ -82,8 +82,8 @@ class TestPlan:
         policy = build_policy("uniform", 0.25, scorer="mean")
         batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 40]))
         qsl, seq_lens, table = step_inputs([67, 0], [1, 40])
-        expected = plan_step(spec(0.25), policy, batch, qsl, seq_lens, table)
-        plan = plan_step(spec(0.25), policy, batch, qsl, seq_lens.as_subclass(DeviceOnly), table, seq_lens_cpu=seq_lens.clone())
+        expected = plan_of(spec(0.25), policy, batch, qsl, seq_lens, table)
+        plan = plan_step(spec(0.25), policy, WorkerState(batch=batch), qsl, seq_lens.as_subclass(DeviceOnly), table, seq_lens.clone(), 32)
         assert plan.seq_lens.tolist() == expected.seq_lens.tolist() == [68 - 6 * BLOCK, 40]
         assert plan.seq_lens_cpu.tolist() == expected.seq_lens_cpu.tolist() == plan.seq_lens.tolist()
         assert plan.max_seq_len == expected.max_seq_len == 40
@@ -95,31 +95,31 @@ class TestPlan:
         prompts = np.array([64, 64, 64, 64])
         budgets = np.array([np.nan, 1.0, 0.125, 0.625])
         batch = BatchInfo(req_ids=["server", "whole", "eighth", "more"], prompt_lens=prompts, request_budgets=budgets)
-        plan = plan_step(spec(0.25, budget=0.25), policy, batch, *step_inputs([0] * 4, [64] * 4))
+        plan = plan_of(spec(0.25, budget=0.25), policy, batch, *step_inputs([0] * 4, [64] * 4))
         # 0.25 -> 2 of 8 blocks; 1.0 -> all 8, nothing to compact; 0.125 -> 1; 0.625 -> halfway to 1 -> 5.
         assert plan.work.compact.rows == [0, 2, 3]
         assert plan.work.compact.start_after == [8 - 2, 8 - 1, 8 - 5]
-        plan = plan_step(spec(0.25, budget=0.25), policy, batch, *step_inputs([65] * 4, [1] * 4))
+        plan = plan_of(spec(0.25, budget=0.25), policy, batch, *step_inputs([65] * 4, [1] * 4))
         assert plan.seq_lens.tolist() == [66 - 6 * BLOCK, 66, 66 - 7 * BLOCK, 66 - 3 * BLOCK]
 
     def test_request_budget_compresses_under_a_full_server_budget(self):
         policy = build_policy("uniform", 1.0, scorer="mean")
         batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 64]), request_budgets=np.array([np.nan, 0.25]))
-        plan = plan_step(spec(1.0), policy, batch, *step_inputs([0, 0], [64, 64]))
+        plan = plan_of(spec(1.0), policy, batch, *step_inputs([0, 0], [64, 64]))
         assert plan.work.compact.rows == [1] and plan.work.compact.start_after == [8 - 2]
-        assert plan_step(spec(1.0), policy, BatchInfo(["a"], np.array([64])), *step_inputs([0], [64])) is None
+        assert plan_of(spec(1.0), policy, BatchInfo(["a"], np.array([64])), *step_inputs([0], [64])) is None
 
     def test_nothing_to_do_returns_none(self):
         policy = build_policy("uniform", 0.25)
         batch = BatchInfo(req_ids=["short"], prompt_lens=np.array([5]))
-        assert plan_step(spec(0.25), policy, batch, *step_inputs([5], [1])) is None
-        assert plan_step(spec(1.0), policy, BatchInfo(["a"], np.array([64])), *step_inputs([0], [64])) is None
-        assert plan_step(spec(0.25), policy, None, *step_inputs([0], [64])) is None
+        assert plan_of(spec(0.25), policy, batch, *step_inputs([5], [1])) is None
+        assert plan_of(spec(1.0), policy, BatchInfo(["a"], np.array([64])), *step_inputs([0], [64])) is None
+        assert plan_of(spec(0.25), policy, None, *step_inputs([0], [64])) is None
 
     def test_chunks_and_window(self):
         policy = build_policy("uniform", 0.25, scorer="window", window=8)
         batch = BatchInfo(req_ids=["a", "b"], prompt_lens=np.array([64, 64]))
-        plan = plan_step(spec(0.25), policy, batch, *step_inputs([0, 32], [32, 32]))
+        plan = plan_of(spec(0.25), policy, batch, *step_inputs([0, 32], [32, 32]))
         # Row 0's first chunk has no window query (positions < 56); row 1 finishes its prompt.
         assert plan.work.score.rows == [1] and plan.work.compact.rows == [1]
         assert plan.work.score.min_query_pos.tolist() == [56]
@@ -127,7 +127,7 @@ class TestPlan:
     def test_resumed_request_scores_only_prompt_queries(self):
         policy = build_policy("uniform", 0.25, scorer="mean")
         batch = BatchInfo(req_ids=["a"], prompt_lens=np.array([64]))
-        plan = plan_step(spec(0.25), policy, batch, *step_inputs([0], [80]))  # recompute of prompt + 16 outputs
+        plan = plan_of(spec(0.25), policy, batch, *step_inputs([0], [80]))  # recompute of prompt + 16 outputs
         assert plan.work.score.seq_lens.tolist() == [64]
         assert plan.work.score.token_index.numel() == 64
         assert plan.work.compact.rows == [0]
@@ -142,14 +142,15 @@ def _run_prompt(chunks, scorer, per_kv_head=False, seed=0):
     keys, values = cache[0], cache[1]
     query_all = torch.randn(prompt, HQ, DIM, generator=gen)
     batch = BatchInfo(req_ids=["r"], prompt_lens=np.array([prompt]))
+    state = WorkerState()
     computed = 0
     for chunk in chunks:
         qsl, seq_lens, table = step_inputs([computed], [chunk], max_blocks=10)
-        plan = plan_step(spec(0.3, sink=2, recent=3), policy, batch, qsl, seq_lens, table)
-        if plan is not None and plan.work is not None:
-            after_attention(plan.work, "layer", query_all[computed : computed + chunk], keys, values, Scales(DIM**-0.5))
+        step = plan_of(spec(0.3, sink=2, recent=3), policy, batch, qsl, seq_lens, table, state=state)
+        if step is not None and step.work is not None:
+            after_attention(step.work, "layer", query_all[computed : computed + chunk], keys, values, Scales(DIM**-0.5))
         computed += chunk
-    assert STORE.take_scores("r", "layer", prompt) is None  # compaction consumed the scores
+    assert state.store.take_scores("r", "layer", prompt) is None  # compaction consumed the scores
     return cache
 
 
@@ -170,8 +171,9 @@ def test_compaction_keeps_the_top_scored_tokens():
     query = torch.randn(prompt, HQ, DIM, generator=gen)
     policy = build_policy("uniform", 0.3, scorer="mean", sink=2, recent=3)
     qsl, seq_lens, table = step_inputs([0], [prompt], max_blocks=10)
-    plan = plan_step(spec(0.3, sink=2, recent=3), policy, BatchInfo(["r"], np.array([prompt])), qsl, seq_lens, table)
-    after_attention(plan.work, "layer", query, cache[0], cache[1], Scales(DIM**-0.5))
+    state = WorkerState()
+    step = plan_of(spec(0.3, sink=2, recent=3), policy, BatchInfo(["r"], np.array([prompt])), qsl, seq_lens, table, state=state)
+    after_attention(step.work, "layer", query, cache[0], cache[1], Scales(DIM**-0.5))
 
     scores = torch.zeros(1, HKV, prompt)
     ref.importance(query, original[0], table, qsl, seq_lens, torch.zeros(1, dtype=torch.int32), DIM**-0.5, scores)
@@ -183,5 +185,5 @@ def test_compaction_keeps_the_top_scored_tokens():
     order = torch.cat([expected[expected >= 40], expected[expected < 40]])
     kept = original[0].reshape(-1, HKV, DIM)[order]
     assert torch.equal(cache[0].reshape(-1, HKV, DIM)[40:56], kept)
-    assert torch.equal(STORE.positions("r", "layer")[0], order)
+    assert torch.equal(state.store.positions("r", "layer")[0], order)
     assert torch.equal(cache[0, 7], original[0, 7])  # the tail block is untouched

@@ -27,7 +27,8 @@ from prefixkv_vllm.policy.paged import (  # noqa: E402
 )
 from prefixkv_vllm.vllm_adapter.backends.core import Scales, after_attention, plan_step, publish_device_starts  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
-from prefixkv_vllm.vllm_adapter.worker_state import STORE, BatchInfo  # noqa: E402
+from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets  # noqa: E402
+from prefixkv_vllm.vllm_adapter.worker_state import BatchInfo, WorkerState  # noqa: E402
 
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 8
 INTERVAL, RECENT = 16, 4
@@ -118,7 +119,6 @@ def simulate(
     With ``prefix_caching``, the first ``hit`` tokens come from the prefix cache (written before
     the request starts), and no step may change a block of the request's write-once prefix.
     """
-    STORE.drop(["r"])
     gen = torch.Generator().manual_seed(seed)
     total = prompt_len + new_tokens
     max_blocks = math.ceil(total / BLOCK) + 1
@@ -129,7 +129,7 @@ def simulate(
     spec = layer_spec(ratio, decode, budget, prefix_caching, interval)
     policy = build_policy("uniform", ratio, scorer="window", window=4, per_kv_head=per_kv_head, sink=1, recent=RECENT)
     budgets = np.array([np.nan if request_budget is None else request_budget])
-    batch = BatchInfo(req_ids=["r"], prompt_lens=np.array([prompt_len]), request_budgets=budgets)
+    state = WorkerState(batch=BatchInfo(req_ids=["r"], prompt_lens=np.array([prompt_len]), request_budgets=budgets))
     layer_ratio = spec.request_ratio(request_budget)
     shared = shared_prefix_blocks(prompt_len, spec.budget if request_budget is None else request_budget, spec.layout)
     shared = max_blocks if shared is None else shared
@@ -142,7 +142,7 @@ def simulate(
         values[positions // BLOCK, positions % BLOCK] = positions.float()[:, None, None]  # the slot mapping
         seq_lens = torch.tensor([computed + step], dtype=torch.int32)
         qsl = torch.tensor([0, step], dtype=torch.int32)
-        plan = plan_step(spec, policy, batch, qsl, seq_lens, table, decode_window=4)
+        plan = plan_step(spec, policy, state, qsl, seq_lens, table, None, decode_window=4)
         effective_table, effective_len = (table, computed + step) if plan is None else (plan.block_table, int(plan.seq_lens[0]))
         # What attention reads: every live slot holds a distinct real token, the recent ones included.
         slots = torch.arange(effective_len)
@@ -166,7 +166,6 @@ def simulate(
         # Freed blocks go to other requests: poison them.
         values[: live_blocks(prompt_len, computed, layer_ratio, spec.layout)[0]] = -1.0
         history.append(tags)
-    STORE.drop(["r"])  # the request is done: leave no state to later tests
     return history
 
 
@@ -246,17 +245,11 @@ class TestPrefixCaching:
         assert first_decode.numel() == plain.numel()  # the same number of tokens kept
 
     def test_the_scheduler_caches_and_reuses_only_the_write_once_prefix(self):
-        from types import SimpleNamespace
 
         from prefixkv_vllm.vllm_adapter.kv_spec import shared_prefix_tokens
-        from prefixkv_vllm.vllm_adapter.request_options import SCHEDULER_BUDGETS
 
         spec = layer_spec(0.6, "fifo", budget=0.25, prefix_caching=True)
-        shares = {}
-        for name, budget in (("server", None), ("tight", 0.05), ("whole", 1.0)):
-            SCHEDULER_BUDGETS.admit(name, budget)
-            shares[name] = shared_prefix_tokens(spec, SimpleNamespace(request_id=name, num_prompt_tokens=1000))
-            SCHEDULER_BUDGETS.release(name)
+        shares = {name: shared_prefix_tokens(spec, 1000, budget) for name, budget in (("server", None), ("tight", 0.05), ("whole", 1.0))}
         assert shares["server"] == shared_prefix_blocks(1000, 0.25, spec.layout) * BLOCK
         assert 0.7 * 1000 < shares["server"] < shares["tight"] < 1000  # about (1 - budget) of the prompt
         assert shares["whole"] is None
@@ -275,9 +268,9 @@ def test_device_starts_match_the_host_path():
     seq_lens = torch.tensor(computed + 1, dtype=torch.int32)
     table = torch.arange(2 * 30, dtype=torch.int32).view(2, 30)
     policy = build_policy("uniform", 0.25)
-    host = plan_step(spec, policy, batch, qsl, seq_lens, table)
+    host = plan_step(spec, policy, WorkerState(batch=batch), qsl, seq_lens, table, None, decode_window=4)
     published = publish_device_starts(batch, [spec], computed, "cpu")
-    device = plan_step(spec, policy, published, qsl, seq_lens, table)
+    device = plan_step(spec, policy, WorkerState(batch=published), qsl, seq_lens, table, None, decode_window=4)
     assert torch.equal(host.block_table, device.block_table) and torch.equal(host.seq_lens, device.seq_lens)
     assert published.device_starts[spec.prefixkv_settings][0].tolist() == [live_blocks(64, 104, 0.25, spec.layout)[0], 0] == [8, 0]
     assert host.seq_lens[0] < 105 and host.seq_lens[1] == 11
@@ -291,7 +284,7 @@ class TestAdmission:
 
         groups = [SimpleNamespace(kv_cache_spec=layer_spec(r, "fifo", budget=float(np.mean(ratios)))) for r in ratios]
         vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), max_in_flight_tokens=2048, max_concurrent_batches=1)
-        return Admission(vllm_config, SimpleNamespace(kv_cache_groups=groups), [None] * len(groups), lambda: running)
+        return Admission(vllm_config, SimpleNamespace(kv_cache_groups=groups), [None] * len(groups), lambda: running, SchedulerBudgets())
 
     @staticmethod
     def request(name, prompt, max_tokens, computed=0):
@@ -331,7 +324,7 @@ class TestAdmission:
         from vllm.v1.request import RequestStatus
 
         from prefixkv_vllm.config import PrefixKVConfig
-        from prefixkv_vllm.vllm_adapter.plugin import bind_scheduler
+        from prefixkv_vllm.vllm_adapter.hooks.scheduler import bind_scheduler
 
         class Request(SimpleNamespace):
             __hash__ = object.__hash__  # vLLM's requests are hashable, remove_all takes a set

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..policy.paged import live_blocks, peak_live_blocks
 from .kv_spec import PrefixKVAttentionSpec
-from .request_options import SCHEDULER_BUDGETS
+from .request_options import SchedulerBudgets
 
 
 class Admission:
@@ -40,7 +40,7 @@ class Admission:
     counts as holding every token, which over-reserves and never under-reserves.
     """
 
-    def __init__(self, vllm_config, kv_cache_config, managers, running: Callable[[], list]) -> None:
+    def __init__(self, vllm_config, kv_cache_config, managers, running: Callable[[], list], budgets: SchedulerBudgets) -> None:
         groups = list(zip((group.kv_cache_spec for group in kv_cache_config.kv_cache_groups), managers))
         self.specs = [spec for spec, _ in groups if isinstance(spec, PrefixKVAttentionSpec)]
         self.others = [(spec, manager) for spec, manager in groups if not isinstance(spec, PrefixKVAttentionSpec)]
@@ -50,12 +50,13 @@ class Admission:
         # Read at every admission: vLLM replaces the scheduler's list (``remove_all``) when
         # several requests finish in one step, so a list kept from start-up goes stale.
         self.running = running
+        self.budgets = budgets  # the requests' own, the scheduler hook's
         self.max_model_len = vllm_config.model_config.max_model_len
         self.in_flight = {True: vllm_config.max_in_flight_tokens, False: vllm_config.max_concurrent_batches}
         self._peaks: dict[tuple[str, bool], int] = {}
 
     def _ratios(self, request_id: str) -> np.ndarray:
-        budget = SCHEDULER_BUDGETS.get(request_id)
+        budget = self.budgets.get(request_id)
         ratios = [spec.request_ratio(budget) for spec in self.specs]
         return np.minimum(np.array(ratios), 1.0)
 

@@ -8,7 +8,7 @@ derive the same layout from the same lengths.
 
 With prefix caching on, the manager also hashes only a request's write-once
 prefix (``policy.paged.shared_prefix_blocks``), and ``shared_prefix_tokens`` caps
-its cache hits there (the scheduler hook in ``plugin``), so a block is served
+its cache hits there (``hooks.scheduler``), so a block is served
 from the cache only while its content is what its hash stands for.
 """
 
@@ -22,7 +22,7 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 
 from ..policy.paged import PagedLayout, last_event, live_blocks, request_keep_ratio, shared_prefix_blocks
-from .request_options import SCHEDULER_BUDGETS
+from .request_options import SchedulerBudgets
 
 # The fields PrefixKV adds; layers that differ in any of them need their own KV-cache group.
 _PREFIXKV_FIELDS = ("keep_ratio", "sink", "recent", "budget", "ratio_curve", "decode", "interval", "prefix_caching")
@@ -86,10 +86,15 @@ class PrefixKVAttentionManager(FullAttentionManager):
     step, while a request's run moves only at its layout events (``policy.paged``,
     invariant 5) and its write-once prefix never changes. So both are kept per request
     until its blocks are freed (it finished or was preempted: a resumed one starts over).
+
+    ``request_budgets`` are the requests' own budgets, which the scheduler hook owns and
+    hands over when it binds the scheduler (``hooks.scheduler``); until then every
+    request is at the server's budget.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.request_budgets = SchedulerBudgets()
         self._freed_at: dict[str, int] = {}  # request -> the layout event its blocks were last freed for
         self._hash_cap: dict[str, int | None] = {}  # request -> shared_prefix_tokens
 
@@ -102,7 +107,7 @@ class PrefixKVAttentionManager(FullAttentionManager):
         event = last_event(num_prompt_tokens, processed_computed_tokens, spec.layout)
         if self._freed_at.get(request_id) == event:
             return
-        ratio = spec.request_ratio(SCHEDULER_BUDGETS.get(request_id))
+        ratio = spec.request_ratio(self.request_budgets.get(request_id))
         start, _ = live_blocks(num_prompt_tokens, event, ratio, spec.layout)
         # Walks backwards and stops at the first freed block.
         self._remove_blocks_in_range(request_id, 0, start)
@@ -110,7 +115,8 @@ class PrefixKVAttentionManager(FullAttentionManager):
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         if request.request_id not in self._hash_cap:
-            self._hash_cap[request.request_id] = shared_prefix_tokens(self.kv_cache_spec, request)
+            budget = self.request_budgets.get(request.request_id)
+            self._hash_cap[request.request_id] = shared_prefix_tokens(self.kv_cache_spec, request.num_prompt_tokens, budget)
         cap = self._hash_cap[request.request_id]
         super().cache_blocks(request, num_tokens if cap is None else min(num_tokens, cap), *args, **kwargs)
 
@@ -121,7 +127,9 @@ class PrefixKVAttentionManager(FullAttentionManager):
         return super().pop_blocks_for_free(request_id)
 
 
-def shared_prefix_tokens(spec: PrefixKVAttentionSpec, request) -> int | None:
-    """Tokens of ``request`` that may be hashed or reused from the prefix cache; ``None``: all."""
-    blocks = spec.shared_blocks(request.num_prompt_tokens, SCHEDULER_BUDGETS.get(request.request_id))
+def shared_prefix_tokens(spec: PrefixKVAttentionSpec, num_prompt_tokens: int, budget: float | None) -> int | None:
+    """Tokens of a request that may be hashed or reused from the prefix cache; ``None``: all.
+
+    ``budget``: the request's own (``None``: the server's)."""
+    blocks = spec.shared_blocks(num_prompt_tokens, budget)
     return None if blocks is None else blocks * spec.block_size

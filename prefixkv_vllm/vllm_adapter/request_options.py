@@ -15,13 +15,16 @@ does not look at requests at all (``plugin``), as stock vLLM.
 
 The scheduler (which frees blocks) and the worker (which compacts) each read the
 budget from the request's own sampling parameters and agree through
-``kept_prompt_blocks``, like the server-wide settings.
+``kept_prompt_blocks``, like the server-wide settings. In the scheduler process the
+scheduler hook keeps each request's budget in a ``SchedulerBudgets`` it owns and
+hands to the KV-cache managers and to admission.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from ..config import check_budget
 
 
 def request_budget(extra_args: dict[str, Any] | None) -> float | None:
@@ -29,9 +32,10 @@ def request_budget(extra_args: dict[str, Any] | None) -> float | None:
     budget = (extra_args or {}).get("kv_budget")
     if budget is None:
         return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or not 0 < budget <= 1:
-        raise ValueError(f"kv_budget must be a number in (0, 1], got {budget!r}")
-    return float(budget)
+    try:
+        return check_budget(budget)
+    except ValueError as exc:
+        raise ValueError(f"kv_budget {exc}") from None
 
 
 def budget_of(sampling_params) -> float | None:
@@ -40,7 +44,7 @@ def budget_of(sampling_params) -> float | None:
 
 
 class SchedulerBudgets:
-    """Scheduler-process view: request id -> own budget, from admission until the request is freed."""
+    """Request id -> own budget, from admission until the request is freed (one per scheduler, ``hooks.scheduler``)."""
 
     def __init__(self) -> None:
         self._budgets: dict[str, float] = {}
@@ -60,5 +64,3 @@ class SchedulerBudgets:
     def __len__(self) -> int:
         return len(self._budgets)
 
-
-SCHEDULER_BUDGETS = SchedulerBudgets()

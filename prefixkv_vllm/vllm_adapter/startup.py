@@ -14,6 +14,7 @@ from ..policy.costs import ratio_at
 from ..policy.layers import describe_layer_kinds, full_attention_layers
 from ..policy.paged import evicted_tokens
 from .backends import FP8_CACHE_DTYPES
+from .compat import vllm_problem
 from .kv_spec import PrefixKVAttentionSpec
 
 logger = init_logger("vllm.prefixkv")  # under "vllm" so that vLLM's log handlers show it
@@ -26,9 +27,7 @@ def configure_engine(vllm_config) -> None:
     config = PrefixKVConfig.from_additional_config(vllm_config.additional_config)
     if not config.active:
         return
-    from .plugin import vllm_version_problem
-
-    if (problem := vllm_version_problem()) is not None:
+    if (problem := vllm_problem()) is not None:
         raise PrefixKVConfigError(problem)
     model_config = vllm_config.model_config
     _check_supported(vllm_config)

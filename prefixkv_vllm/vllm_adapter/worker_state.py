@@ -1,18 +1,18 @@
-"""Worker-process state shared by the attention backends.
+"""The model runner's PrefixKV state, handed to its attention backends.
 
 vLLM hands attention-metadata builders no prompt lengths or request ids. The
-plugin wraps the model runner's metadata construction to publish them here for
-the duration of each step (``current_batch``), and keeps what a request's
-compactions need across steps (``RequestStore``).
+model-runner hook (``hooks.model_runner``) owns one ``WorkerState`` per runner:
+it sets the step's ``BatchInfo`` while the runner builds the attention metadata,
+hands the state to every PrefixKV metadata builder once the KV cache exists, and
+drops finished and preempted requests from its ``RequestStore``, which keeps what
+a request's compactions need across steps. Builders pass the store on to the
+attention impl inside the step's work (``backends.core.StepWork``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,23 +31,6 @@ class BatchInfo:
     # Each PrefixKV group's live-run start per row for this step, (host, device), keyed
     # by the spec's settings: one pinned host-to-device copy per step for all groups.
     device_starts: dict | None = None
-
-
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def publish_batch(batch: BatchInfo) -> Iterator[None]:
-    previous = getattr(_local, "batch", None)
-    _local.batch = batch
-    try:
-        yield
-    finally:
-        _local.batch = previous
-
-
-def current_batch() -> BatchInfo | None:
-    return getattr(_local, "batch", None)
 
 
 class RequestStore:
@@ -102,7 +85,12 @@ class RequestStore:
         return len({*self._scores, *self._positions})
 
 
-STORE = RequestStore()
+@dataclass
+class WorkerState:
+    """One model runner's PrefixKV state: the step being built, and what requests keep across steps."""
+
+    store: RequestStore = field(default_factory=RequestStore)
+    batch: BatchInfo | None = None  # set only while the runner builds the step's attention metadata
 
 
 @functools.lru_cache(maxsize=8)

@@ -5,13 +5,14 @@ prompt nor read the shortened block table, and would attend over freed blocks th
 other requests now own. With a policy, start-up selects the platform's PrefixKV
 backend as ``AttentionBackendEnum.CUSTOM`` for full-attention layers
 (``startup.select_attention_backend``), the worker registers it
-(``use_prefixkv_backend``) and checks the result once the KV cache exists
-(``check_backends``).
+(``use_prefixkv_backend``), and once the KV cache exists checks the result and hands
+the model runner's PrefixKV state to the builders (``attach_state``).
 """
 
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -19,13 +20,17 @@ from ...config import PrefixKVConfigError
 
 # The quantized KV caches PrefixKV reads (fp8 per tensor, stored as key / k_scale), and
 # how their bytes read on the CPU (FlashAttention reads them as the platform's fp8 dtype).
-FP8_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_CACHE_DTYPES = types.MappingProxyType(
+    {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+)
 
 # Platform -> the PrefixKV backend wrapping its stock attention.
-BACKENDS = {
-    "cpu": "prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend",
-    "cuda": "prefixkv_vllm.vllm_adapter.backends.flash_attn.PrefixKVFlashAttentionBackend",
-}
+BACKENDS = types.MappingProxyType(
+    {
+        "cpu": "prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend",
+        "cuda": "prefixkv_vllm.vllm_adapter.backends.flash_attn.PrefixKVFlashAttentionBackend",
+    }
+)
 
 
 def backend_path(platform) -> str | None:
@@ -65,8 +70,9 @@ def _honour_custom_on_cpu(platform_cls) -> None:
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
 
 
-def check_backends(attn_groups) -> dict[str, int]:
-    """Every layer with a PrefixKV spec runs a PrefixKV backend (the runner's ``attn_groups``).
+def attach_state(attn_groups, state) -> dict[str, int]:
+    """Every layer with a PrefixKV spec runs a PrefixKV backend (the runner's ``attn_groups``),
+    whose metadata builders get the model runner's ``state`` (``worker_state.WorkerState``).
 
     Returns the compressed layers per backend class, for the start-up log.
     """
@@ -85,5 +91,7 @@ def check_backends(attn_groups) -> dict[str, int]:
                     f"layer {group.layer_names[0]} runs the {backend.get_name()} attention backend "
                     f"({name}), not PrefixKV's: it would read freed blocks"
                 )
+            for builder in group.metadata_builders:
+                builder.prefixkv_state = state
             compressed[name] = compressed.get(name, 0) + len(group.layer_names)
     return compressed

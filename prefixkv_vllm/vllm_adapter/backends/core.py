@@ -1,6 +1,7 @@
 """What every PrefixKV attention backend does, whatever its stock kernel.
 
-Per KV-cache group and step, ``plan_step`` (called by the metadata builder)
+Per KV-cache group and step, ``plan_step`` (called by the metadata builder, with
+the model runner's ``worker_state.WorkerState``)
 derives from the lengths, through ``policy.paged.live_blocks`` (the layout
 contract shared with the scheduler):
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +37,7 @@ from ...config import PrefixKVConfig
 from ...policy import KVPolicy, Protection, select_tokens
 from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks
 from ..kv_spec import PrefixKVAttentionSpec
-from ..worker_state import STORE, BatchInfo, current_batch, policy_for
+from ..worker_state import BatchInfo, RequestStore, WorkerState, policy_for
 
 
 @dataclass
@@ -79,6 +81,7 @@ class StepWork:
 
     policy: KVPolicy
     layout: PagedLayout
+    store: RequestStore  # the model runner's (``worker_state``)
     req_ids: list[str]
     prompt_lens: list[int]
     kept_prompt_blocks: list[int]
@@ -140,12 +143,12 @@ def publish_device_starts(batch: BatchInfo, specs, computed: np.ndarray, device)
 def plan_step(
     spec: PrefixKVAttentionSpec,
     policy: KVPolicy,
-    batch: BatchInfo | None,
+    state: WorkerState,
     query_start_loc_cpu: torch.Tensor,
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
-    seq_lens_cpu: torch.Tensor | None = None,
-    decode_window: int = 32,
+    seq_lens_cpu: torch.Tensor | None,
+    decode_window: int,
 ) -> StepPlan | None:
     """The group's effective metadata and this step's work, or ``None`` when nothing changes.
 
@@ -154,68 +157,33 @@ def plan_step(
     are read from the device, a synchronisation on GPUs.
     """
     num_reqs = seq_lens.shape[0]
+    batch = state.batch
     if batch is None or num_reqs == 0:
         return None
-    known, prompt_lens, ratios = _rows(spec, batch, num_reqs)
-    if (ratios[:known] >= 1.0).all():
+    rows = step_rows(spec, batch, query_start_loc_cpu, seq_lens if seq_lens_cpu is None else seq_lens_cpu, num_reqs)
+    if rows is None:
         return None
-    layout = spec.layout
-    if seq_lens_cpu is None:
-        seq_lens_cpu = seq_lens.cpu()
-    seq_host = seq_lens_cpu[:num_reqs].numpy().astype(np.int64)
-    starts = query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
-    computed = seq_host - (starts[1:] - starts[:-1])
-    # Before and after the step in one call: this runs for every group at every step.
-    run_starts, run_ends = live_blocks(np.tile(prompt_lens, 2), np.concatenate([computed, seq_host]), np.tile(ratios, 2), layout)
-    start_before, start_after, end_after = run_starts[:num_reqs], run_starts[num_reqs:], run_ends[num_reqs:]
-    kept = kept_prompt_blocks(prompt_lens, ratios, layout.block_size, layout.sink, layout.recent)
-    start_before[known:] = start_after[known:] = 0
-
     # A (re)started request: nothing from an earlier life applies.
-    STORE.drop([batch.req_ids[row] for row in np.flatnonzero(computed[:known] == 0)])
-    compact_rows = [int(r) for r in np.flatnonzero(start_after[:known] > start_before[:known])]
-    score_rows = _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, ratios, policy, layout, decode_window)
-    if not start_before.any() and not score_rows and not compact_rows:
+    state.store.drop([batch.req_ids[row] for row in np.flatnonzero(rows.computed[: rows.known] == 0)])
+    known = rows.known
+    compact_rows = [int(r) for r in np.flatnonzero(rows.start_after[:known] > rows.start_before[:known])]
+    score_rows = _score_rows(rows, policy, spec.layout, decode_window)
+    if not rows.start_before.any() and not score_rows and not compact_rows:
         return None
-
-    effective_seq_lens, effective_table = seq_lens, block_table
-    if start_before.any():
-        published = (batch.device_starts or {}).get(spec.prefixkv_settings)
-        if published is not None and np.array_equal(published[0][:num_reqs], start_before):
-            device_starts = published[1]
-        else:  # rows the runner's counts did not describe (e.g. padding): this group's own copy
-            device_starts = torch.from_numpy(start_before.astype(np.int32)).to(block_table.device)
-        shift = device_starts[:num_reqs].to(block_table.dtype)
-        columns = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
-        source = (columns + shift[:, None]).clamp(max=block_table.shape[1] - 1)
-        effective_table = block_table.gather(1, source)
-        effective_seq_lens = seq_lens - (shift * layout.block_size).to(seq_lens.dtype)
-
+    effective_seq_lens, effective_table = _effective_view(spec, batch, rows, seq_lens, block_table)
     work = None
     if score_rows or compact_rows:
         work = StepWork(
             policy=policy,
-            layout=layout,
+            layout=spec.layout,
+            store=state.store,
             req_ids=batch.req_ids[:known],
-            prompt_lens=[int(p) for p in prompt_lens[:known]],
-            kept_prompt_blocks=[int(k) for k in kept[:known]],
-            score=_score_work(score_rows, starts, computed, start_before, layout.block_size, effective_table)
-            if score_rows
-            else None,
-            compact=CompactWork(
-                compact_rows,
-                [int(computed[r]) for r in compact_rows],
-                [int(seq_host[r]) for r in compact_rows],
-                [int(start_before[r]) for r in compact_rows],
-                [int(start_after[r]) for r in compact_rows],
-                [int(end_after[r]) for r in compact_rows],
-                [_write_start(spec, batch, r, int(prompt_lens[r]), int(start_after[r]), int(end_after[r])) for r in compact_rows],
-                block_table[compact_rows],
-            )
-            if compact_rows
-            else None,
+            prompt_lens=[int(p) for p in rows.prompt_lens[:known]],
+            kept_prompt_blocks=[int(k) for k in rows.kept[:known]],
+            score=_score_work(score_rows, rows, spec.layout.block_size, effective_table) if score_rows else None,
+            compact=_compact_work(spec, batch, rows, compact_rows, block_table) if compact_rows else None,
         )
-    effective_seq_lens_cpu = seq_host - start_before * layout.block_size
+    effective_seq_lens_cpu = rows.seq_lens - rows.start_before * spec.layout.block_size
     return StepPlan(
         effective_seq_lens,
         torch.from_numpy(effective_seq_lens_cpu).to(torch.int32),
@@ -223,6 +191,71 @@ def plan_step(
         int(effective_seq_lens_cpu.max()),
         work,
     )
+
+
+@dataclass
+class StepRows:
+    """The step's rows on the host: lengths, and each row's live run before and after the step.
+
+    Rows past ``known`` (padding the runner added) have no request: they keep everything.
+    """
+
+    known: int
+    prompt_lens: np.ndarray
+    ratios: np.ndarray
+    query_starts: np.ndarray  # [num_reqs + 1] offsets in the step's query tensor
+    computed: np.ndarray  # processed tokens before the step
+    seq_lens: np.ndarray  # and after it
+    start_before: np.ndarray  # live-run start (block) the step reads
+    start_after: np.ndarray  # and the one after it
+    end_after: np.ndarray
+    kept: np.ndarray  # kept prompt blocks
+
+
+def step_rows(spec: PrefixKVAttentionSpec, batch: BatchInfo, query_start_loc_cpu, seq_lens_cpu, num_reqs: int) -> StepRows | None:
+    """``None`` when every row keeps its whole cache (nothing for this group to do)."""
+    known, prompt_lens, ratios = _rows(spec, batch, num_reqs)
+    if (ratios[:known] >= 1.0).all():
+        return None
+    layout = spec.layout
+    seq_host = seq_lens_cpu[:num_reqs].cpu().numpy().astype(np.int64)
+    starts = query_start_loc_cpu[: num_reqs + 1].numpy().astype(np.int64)
+    computed = seq_host - (starts[1:] - starts[:-1])
+    # Before and after the step in one call: this runs for every group at every step.
+    run_starts, run_ends = live_blocks(np.tile(prompt_lens, 2), np.concatenate([computed, seq_host]), np.tile(ratios, 2), layout)
+    start_before, start_after = run_starts[:num_reqs].copy(), run_starts[num_reqs:].copy()
+    start_before[known:] = start_after[known:] = 0
+    kept = kept_prompt_blocks(prompt_lens, ratios, layout.block_size, layout.sink, layout.recent)
+    return StepRows(known, prompt_lens, ratios, starts, computed, seq_host, start_before, start_after, run_ends[num_reqs:], kept)
+
+
+def _effective_view(spec, batch: BatchInfo, rows: StepRows, seq_lens: torch.Tensor, block_table: torch.Tensor):
+    """Each row's lengths and block table with the freed prefix of its run cut off (what attention reads)."""
+    if not rows.start_before.any():
+        return seq_lens, block_table
+    num_reqs = seq_lens.shape[0]
+    published = (batch.device_starts or {}).get(spec.prefixkv_settings)
+    if published is not None and np.array_equal(published[0][:num_reqs], rows.start_before):
+        device_starts = published[1]
+    else:  # rows the runner's counts did not describe (e.g. padding): this group's own copy
+        device_starts = torch.from_numpy(rows.start_before.astype(np.int32)).to(block_table.device)
+    shift = device_starts[:num_reqs].to(block_table.dtype)
+    columns = torch.arange(block_table.shape[1], device=block_table.device)[None, :]
+    source = (columns + shift[:, None]).clamp(max=block_table.shape[1] - 1)
+    return seq_lens - (shift * spec.layout.block_size).to(seq_lens.dtype), block_table.gather(1, source)
+
+
+def _compact_work(spec, batch: BatchInfo, rows: StepRows, compact_rows: list[int], block_table: torch.Tensor) -> CompactWork:
+    def at(values):
+        return [int(values[r]) for r in compact_rows]
+
+    write_start = [
+        _write_start(spec, batch, r, int(rows.prompt_lens[r]), int(rows.start_after[r]), int(rows.end_after[r])) for r in compact_rows
+    ]
+    return CompactWork(
+        compact_rows, at(rows.computed), at(rows.seq_lens), at(rows.start_before), at(rows.start_after), at(rows.end_after),
+        write_start, block_table[compact_rows],
+    )  # fmt: skip
 
 
 def _write_start(spec: PrefixKVAttentionSpec, batch: BatchInfo, row: int, prompt_len: int, start: int, end: int) -> int:
@@ -234,24 +267,36 @@ def _write_start(spec: PrefixKVAttentionSpec, batch: BatchInfo, row: int, prompt
     return end if shared is None else min(max(start, shared), end)
 
 
-def _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, ratios, policy, layout, decode_window):
-    """``(row, first query, end query, used_at, min query position, fresh)`` for rows scored this step.
+class ScoreRow(NamedTuple):
+    """A row whose queries ``[first, last)`` (positions) are scored this step, for the compaction at ``used_at``."""
+
+    row: int
+    first: int
+    last: int
+    used_at: int  # processed-token count of the compaction the scores are for
+    min_query_pos: int
+    fresh: bool  # the first queries for that compaction: start from zero
+
+
+def _score_rows(rows: StepRows, policy: KVPolicy, layout: PagedLayout, decode_window: int) -> list[ScoreRow]:
+    """The rows scored this step, by row.
 
     Prompt rows score their prompt queries (from the scorer's first query on) for
     the prompt compaction; with ``scored`` decoding, decode rows score the last
     ``decode_window`` queries before the round that will move their run. Vectorised
     over rows: this runs for every group at every step.
     """
-    prompt_lens, computed, seq_host = prompt_lens[:known], computed[:known], seq_host[:known]
-    rows = []
+    known = rows.known
+    prompt_lens, computed, seq_host = rows.prompt_lens[:known], rows.computed[:known], rows.seq_lens[:known]
+    scored = []
     if policy.scorer.needs_attention and (computed < prompt_lens).any():
         first_query = np.array([policy.scorer.min_query_pos(int(p)) for p in prompt_lens], dtype=np.int64)
         first = np.maximum(computed, first_query)
         last = np.minimum(seq_host, prompt_lens)
         # Rows still in their prompt, with prompt blocks to evict and window queries this step.
-        prompt_rows = (computed < prompt_lens) & (kept[:known] < prompt_lens // layout.block_size) & (last > first)
-        rows += [
-            (r, int(first[r]), int(last[r]), int(prompt_lens[r]), int(first_query[r]), bool(computed[r] == 0))
+        prompt_rows = (computed < prompt_lens) & (rows.kept[:known] < prompt_lens // layout.block_size) & (last > first)
+        scored += [
+            ScoreRow(int(r), int(first[r]), int(last[r]), int(prompt_lens[r]), int(first_query[r]), bool(computed[r] == 0))
             for r in np.flatnonzero(prompt_rows)
         ]
     if layout.decode == "scored":
@@ -259,39 +304,36 @@ def _score_rows(known, prompt_lens, computed, seq_host, start_before, kept, rati
         decoding = computed >= prompt_lens
         upcoming = prompt_lens + ((computed - prompt_lens) // interval + 1) * interval
         target = np.where(seq_host >= upcoming, prompt_lens + (seq_host - prompt_lens) // interval * interval, upcoming)
-        moves = live_blocks(prompt_lens, target, ratios[:known], layout)[0] > start_before[:known]
+        moves = live_blocks(prompt_lens, target, rows.ratios[:known], layout)[0] > rows.start_before[:known]
         first, last = np.maximum(computed, target - decode_window), np.minimum(seq_host, target)
-        rows += [
-            (r, int(first[r]), int(last[r]), int(target[r]), 0, bool(computed[r] <= target[r] - decode_window))
+        scored += [
+            ScoreRow(int(r), int(first[r]), int(last[r]), int(target[r]), 0, bool(computed[r] <= target[r] - decode_window))
             for r in np.flatnonzero(decoding & moves & (last > first))
         ]
-    return sorted(rows)
+    return sorted(scored)
 
 
-def _score_work(rows, starts, computed, start_before, block_size, effective_table) -> ScoreWork:
-    token_index, query_start_loc, key_lens, min_pos, used_at, sizes, fresh = [], [0], [], [], [], [], []
-    for row, first, last, at, min_query, is_fresh in rows:
-        offset = int(start_before[row]) * block_size
-        begin = int(starts[row]) + first - int(computed[row])
-        token_index.append(torch.arange(begin, begin + last - first))
-        query_start_loc.append(query_start_loc[-1] + last - first)
-        key_lens.append(last - offset)
-        min_pos.append(max(0, min_query - offset))
-        used_at.append(at)
-        sizes.append(at - offset)
-        fresh.append(is_fresh)
+def _score_work(scored: list[ScoreRow], rows: StepRows, block_size: int, effective_table) -> ScoreWork:
+    token_index, query_start_loc, key_lens, min_pos = [], [0], [], []
+    for s in scored:
+        offset = int(rows.start_before[s.row]) * block_size
+        begin = int(rows.query_starts[s.row]) + s.first - int(rows.computed[s.row])
+        token_index.append(torch.arange(begin, begin + s.last - s.first))
+        query_start_loc.append(query_start_loc[-1] + s.last - s.first)
+        key_lens.append(s.last - offset)
+        min_pos.append(max(0, s.min_query_pos - offset))
     device = effective_table.device
     as_int32 = lambda values: torch.tensor(values, dtype=torch.int32).to(device)  # noqa: E731
     return ScoreWork(
-        rows=[r[0] for r in rows],
+        rows=[s.row for s in scored],
         token_index=torch.cat(token_index).to(device),
         query_start_loc=as_int32(query_start_loc),
         seq_lens=as_int32(key_lens),
-        block_table=effective_table[[r[0] for r in rows]],
+        block_table=effective_table[[s.row for s in scored]],
         min_query_pos=as_int32(min_pos),
-        used_at=used_at,
-        sizes=sizes,
-        fresh=fresh,
+        used_at=[s.used_at for s in scored],
+        sizes=[s.used_at - int(rows.start_before[s.row]) * block_size for s in scored],
+        fresh=[s.fresh for s in scored],
     )
 
 
@@ -347,7 +389,7 @@ def _accumulate_scores(work, layer_name, query, key_cache, scales, num_kv_heads)
     )
     for index, row in enumerate(score.rows):
         size = score.sizes[index]
-        stored = STORE.scores(
+        stored = work.store.scores(
             work.req_ids[row], layer_name, score.used_at[index], (num_kv_heads, size), query.device, score.fresh[index]
         )
         stored.add_(chunk[index, :, :size])
@@ -360,89 +402,122 @@ _KEEP = float("inf")
 def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
     """Select each moving row's kept tokens and write them into the last blocks of its new run.
 
-    The destination blocks are listed first and the blocks being freed after them,
-    so ``ops.compact`` (which moves kept tokens to the front of a block list, in
-    order, overlap-safe) fills the destination and the freed blocks are a prefix.
-    With prefix caching the destination starts at ``write_start``: the run's blocks
-    before it belong to the write-once prefix and are neither candidates nor written.
+    Three coordinates describe a moving row (block indices are columns of its block table)::
+
+            before          after            write                end
+              |    freed      |  write-once    |    rewritten       |
+              [===============|================|====================]
+        run slot 0 ....................................... (end - before) * bs
+        op slots:  keep + ...                   0 ......... keep - 1
+
+    * token positions: where a token sits in the request's sequence (``positions``);
+    * run slots: ``(block - before) * bs + slot`` over the run ``[before, end)``; the
+      candidates are the freed and the rewritten slots (the write-once blocks of a
+      shared prefix, ``[after, write)``, stay in place and are kept);
+    * op slots: indices into the block list handed to ``ops.compact``, ``[write, end)``
+      first and the freed ``[before, after)`` after, so that the kept tokens, moved to
+      the front in order (overlap-safe), fill ``[write, end)`` and the freed blocks hold
+      nothing the request still needs.
     """
-    compact = work.compact
-    bs = work.layout.block_size
     lists, selections = [], []
-    for index, row in enumerate(compact.rows):
-        req_id = work.req_ids[row]
-        before, after, end = compact.start_before[index], compact.start_after[index], compact.end_after[index]
-        write = compact.write_start[index]
-        keep = (end - write) * bs
-        moved = (after - before) * bs  # candidate slots in blocks that will be freed
-        whole = slice(moved, (write - before) * bs)  # write-once blocks the run keeps in place
-        priority, positions = _priorities(
-            work, layer_name, row, compact.computed[index], compact.processed[index], before, end, whole, num_kv_heads, key_cache.device
-        )
-        heads = max(priority.shape[0], positions.shape[0])
-        positions = positions.expand(heads, -1)
-        kept_whole = positions[:, whole]
-        if keep == 0:
-            STORE.set_positions(req_id, layer_name, kept_whole)
-            continue
-        # Candidates: the slots being freed, then the writable ones.
-        priority = torch.cat([priority[:, : whole.start], priority[:, whole.stop :]], dim=1)
-        positions = torch.cat([positions[:, : whole.start], positions[:, whole.stop :]], dim=1)
-        chosen = select_tokens(priority.expand(heads, -1), keep, Protection(sink=0, recent=0))
-        reordered = torch.where(chosen >= moved, chosen - moved, chosen + keep)
-        reordered, order = reordered.sort(dim=1)
-        selections.append(reordered)
-        table = compact.block_table[index]
-        lists.append(torch.cat([table[write:end], table[before:after]]))
-        STORE.set_positions(req_id, layer_name, torch.cat([kept_whole, positions.gather(1, chosen.gather(1, order))], dim=1))
-    if not selections:
-        return
+    for index, row in enumerate(work.compact.rows):
+        selected = _select_row(work, layer_name, index, row, num_kv_heads, key_cache.device)
+        if selected is not None:
+            selections.append(selected[0])
+            lists.append(selected[1])
+    if selections:
+        _move(key_cache, value_cache, selections, lists)
+
+
+def _select_row(work, layer_name, index, row, num_kv_heads, device):
+    """One row's kept tokens as increasing op slots and its op block list, or ``None`` when it writes nothing.
+
+    Records the true positions of the row's kept tokens in slot order (``RequestStore.positions``).
+    """
+    compact, bs = work.compact, work.layout.block_size
+    before, after, end = compact.start_before[index], compact.start_after[index], compact.end_after[index]
+    write = compact.write_start[index]
+    keep = (end - write) * bs
+    moved = (after - before) * bs  # candidates in the freed blocks, first in run slots
+    whole = slice(moved, (write - before) * bs)  # the write-once blocks, in run slots
+    priority, positions = _priorities(
+        work, layer_name, row, compact.computed[index], compact.processed[index], before, end, whole, num_kv_heads, device
+    )
+    heads = max(priority.shape[0], positions.shape[0])
+    positions = positions.expand(heads, -1)
+    kept_whole = positions[:, whole]
+    req_id = work.req_ids[row]
+    if keep == 0:
+        work.store.set_positions(req_id, layer_name, kept_whole)
+        return None
+    # Candidates (run slots without the write-once ones): the freed slots, then the rewritten ones.
+    priority = torch.cat([priority[:, : whole.start], priority[:, whole.stop :]], dim=1)
+    positions = torch.cat([positions[:, : whole.start], positions[:, whole.stop :]], dim=1)
+    chosen = select_tokens(priority.expand(heads, -1), keep, Protection(sink=0, recent=0))
+    op_slots, order = torch.where(chosen >= moved, chosen - moved, chosen + keep).sort(dim=1)
+    work.store.set_positions(req_id, layer_name, torch.cat([kept_whole, positions.gather(1, chosen.gather(1, order))], dim=1))
+    table = compact.block_table[index]
+    return op_slots, torch.cat([table[write:end], table[before:after]])
+
+
+def _move(key_cache, value_cache, selections, lists) -> None:
+    """One ``ops.compact`` call for every row: selections and block lists padded to a batch."""
+    device = key_cache.device
     width = max(s.shape[1] for s in selections)
     heads = max(s.shape[0] for s in selections)
-    keep_indices = torch.zeros(len(selections), heads, width, dtype=torch.int32, device=key_cache.device)
+    keep_indices = torch.zeros(len(selections), heads, width, dtype=torch.int32, device=device)
     for index, selection in enumerate(selections):
         keep_indices[index, :, : selection.shape[1]] = selection.to(torch.int32)
-    tables = torch.zeros(len(lists), max(t.numel() for t in lists), dtype=torch.int32, device=key_cache.device)
+    tables = torch.zeros(len(lists), max(t.numel() for t in lists), dtype=torch.int32, device=device)
     for index, table in enumerate(lists):
         tables[index, : table.numel()] = table
-    num_kept = torch.tensor([s.shape[1] for s in selections], dtype=torch.int32).to(key_cache.device)
+    num_kept = torch.tensor([s.shape[1] for s in selections], dtype=torch.int32).to(device)
     ops.compact(key_cache, value_cache, tables, keep_indices, num_kept)
 
 
 def _priorities(work, layer_name, row, computed, processed, before, end, whole, num_kv_heads, device):
-    """Selection priorities ``[1 or Hkv, n]`` of a row's live slots before its new recent region, and their true positions.
+    """Selection priorities ``[1 or Hkv, n]`` of a row's run slots ``[before, end)``, and their true positions.
 
-    The slots are those of ``[before, end)`` blocks; ``whole`` (a slice of them) are
-    kept in place whatever their priority, so a prompt compaction counts them in
-    its kept tokens. A prompt compaction ranks the prompt body by the scorer (protecting
-    sink and recent tokens); a decode round ranks by ``fifo`` (the compressed
-    prompt, then the newest tokens) or by ``scored`` (attention of the last
-    decode queries, sink protected); a request resumed past a round (recompute
-    after preemption) ranks its prompt by the scorer and its output by ``fifo``.
+    ``whole`` (run slots) are kept in place whatever their priority, so a prompt
+    compaction counts them in its kept tokens. A prompt compaction ranks the prompt
+    body by the scorer; a decode round by ``fifo`` or ``scored`` (``_decode_priorities``);
+    a request resumed past a round (recompute after preemption) ranks its prompt by
+    the scorer and its output by ``fifo``.
     """
-    policy, layout, bs = work.policy, work.layout, work.layout.block_size
+    count = (end - before) * work.layout.block_size
+    natural = torch.arange(before * work.layout.block_size, before * work.layout.block_size + count, device=device)[None, :]
+    if computed < work.prompt_lens[row]:  # the prompt compaction (and a resumed request's catch-up)
+        return _prompt_priorities(work, layer_name, row, natural, whole, num_kv_heads), natural
+    return _decode_priorities(work, layer_name, row, processed, natural)
+
+
+def _prompt_priorities(work, layer_name, row, natural, whole, num_kv_heads):
+    """The scorer's selection of the prompt body (sink and recent tokens protected) first, then the prompt's tail."""
+    policy, bs = work.policy, work.layout.block_size
     req_id, prompt_len = work.req_ids[row], work.prompt_lens[row]
-    count = (end - before) * bs
-    natural = torch.arange(before * bs, before * bs + count, device=device)[None, :]
-    if computed < prompt_len:  # the prompt compaction (and a resumed request's catch-up)
-        body = (prompt_len // bs) * bs
-        accumulated = STORE.take_scores(req_id, layer_name, prompt_len)
-        if accumulated is None:  # recency needs no attention
-            accumulated = torch.zeros(num_kv_heads, prompt_len, device=device)
-        scores = policy.scorer.scores(accumulated, prompt_len)[:, :body]
-        protection = Protection(sink=policy.protection.sink, recent=max(0, policy.protection.recent - (prompt_len - body)))
-        if whole.stop > whole.start:  # the slots' index is their position: before is 0 while the prompt is compacted
-            scores = scores.clone()
-            scores[:, whole] = _KEEP
-        chosen = select_tokens(scores, work.kept_prompt_blocks[row] * bs, protection)
-        if count == body:
-            return _one_hot(chosen, body), natural
-        priority = natural.to(torch.float32).expand(chosen.shape[0], -1).clone()
-        priority[:, :body] = -_KEEP
-        priority[:, body:prompt_len] = _KEEP
-        priority.scatter_(1, chosen, _KEEP)
-        return priority, natural
-    positions = STORE.positions(req_id, layer_name)
+    body = (prompt_len // bs) * bs
+    accumulated = work.store.take_scores(req_id, layer_name, prompt_len)
+    if accumulated is None:  # recency needs no attention
+        accumulated = torch.zeros(num_kv_heads, prompt_len, device=natural.device)
+    scores = policy.scorer.scores(accumulated, prompt_len)[:, :body]
+    protection = Protection(sink=policy.protection.sink, recent=max(0, policy.protection.recent - (prompt_len - body)))
+    if whole.stop > whole.start:  # run slots are positions here: before is 0 while the prompt is compacted
+        scores = scores.clone()
+        scores[:, whole] = _KEEP
+    chosen = select_tokens(scores, work.kept_prompt_blocks[row] * bs, protection)
+    if natural.shape[1] == body:
+        return _one_hot(chosen, body)
+    priority = natural.to(torch.float32).expand(chosen.shape[0], -1).clone()
+    priority[:, :body] = -_KEEP
+    priority[:, body:prompt_len] = _KEEP
+    return priority.scatter_(1, chosen, _KEEP)
+
+
+def _decode_priorities(work, layer_name, row, processed, natural):
+    """``fifo``: the compressed prompt, then the newest tokens; ``scored``: the attention of the last decode queries, sink protected."""
+    policy, layout = work.policy, work.layout
+    req_id, prompt_len = work.req_ids[row], work.prompt_lens[row]
+    positions = work.store.positions(req_id, layer_name)
     if positions is None:
         positions = natural
     else:
@@ -451,9 +526,10 @@ def _priorities(work, layer_name, row, computed, processed, before, end, whole, 
     accumulated = None
     if layout.decode == "scored":
         at_round = prompt_len + (processed - prompt_len) // layout.interval * layout.interval
-        accumulated = STORE.take_scores(req_id, layer_name, at_round)
+        accumulated = work.store.take_scores(req_id, layer_name, at_round)
     if accumulated is None:  # fifo, or no decode scores (a request resumed past a round)
         return torch.where(positions < prompt_len, _KEEP, positions.to(torch.float32)), positions
+    count = natural.shape[1]
     scores = accumulated[:, :count] if policy.scorer.per_kv_head else accumulated[:, :count].mean(dim=0, keepdim=True)
     return scores.masked_fill(positions < policy.protection.sink, _KEEP), positions
 
@@ -467,7 +543,9 @@ class PrefixKVBuilderMixin:
     """Gives the stock builder each group's effective lengths and block table, and attaches the step's work.
 
     ``metadata_cls`` is the backend's metadata dataclass extended with a
-    ``prefixkv: StepWork | None`` field.
+    ``prefixkv: StepWork | None`` field. ``prefixkv_state`` is the model runner's
+    PrefixKV state, handed over by the model-runner hook once the KV cache exists;
+    without it (and without a policy) the builder is vLLM's.
     """
 
     metadata_cls: type
@@ -477,20 +555,21 @@ class PrefixKVBuilderMixin:
         config = PrefixKVConfig.from_additional_config(vllm_config.additional_config)
         self.prefixkv_policy = policy_for(config)
         self.prefixkv_decode_window = config.window
+        self.prefixkv_state: WorkerState | None = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         spec = self.kv_cache_spec
         plan = None
-        if isinstance(spec, PrefixKVAttentionSpec) and self.prefixkv_policy is not None:
+        if isinstance(spec, PrefixKVAttentionSpec) and self.prefixkv_policy is not None and self.prefixkv_state is not None:
             plan = plan_step(
                 spec,
                 self.prefixkv_policy,
-                current_batch(),
+                self.prefixkv_state,
                 common_attn_metadata.query_start_loc_cpu,
                 common_attn_metadata.seq_lens,
                 common_attn_metadata.block_table_tensor,
-                seq_lens_cpu=common_attn_metadata.seq_lens_cpu_upper_bound,
-                decode_window=self.prefixkv_decode_window,
+                common_attn_metadata.seq_lens_cpu_upper_bound,
+                self.prefixkv_decode_window,
             )
         if plan is None:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
