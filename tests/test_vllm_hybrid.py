@@ -27,7 +27,7 @@ from prefixkv_vllm.config import PrefixKVConfig, PrefixKVConfigError  # noqa: E4
 from prefixkv_vllm.policy.costs import allocate_by_cost  # noqa: E402
 from prefixkv_vllm.policy.layers import describe_layer_kinds, full_attention_layers  # noqa: E402
 from prefixkv_vllm.policy.paged import peak_live_blocks  # noqa: E402
-from prefixkv_vllm.policy.profile import ModelIdentity, Profile, ProfileError  # noqa: E402
+from prefixkv_vllm.policy.profile import LayerCosts, ModelIdentity, Profile, ProfileError  # noqa: E402
 from prefixkv_vllm.vllm_adapter.admission import Admission  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import layer_specs  # noqa: E402
@@ -96,7 +96,7 @@ def test_a_loss_profile_gives_each_layer_its_curve_for_request_budgets():
     # The scheduler (manager, admission) and the worker (backend) read a request's ratio from the spec.
     costs = torch.tensor([[1.0, 0.5, 0.2], [0.1, 0.05, 0.01]], dtype=torch.float64)
     profile = Profile(ModelIdentity("m", 2, 1, 64, layers=(0, 3)), "snapkv", {0.3: allocate_by_cost((0.1, 0.3, 0.6), costs, 0.3)},
-                      {"criterion": "loss", "loss_ratios": [0.1, 0.3, 0.6], "kl_per_layer": costs.tolist()})  # fmt: skip
+                      {"criterion": "loss"}, LayerCosts((0.1, 0.3, 0.6), costs.tolist()))  # fmt: skip
     config = hybrid_config((0, 3), profile.keep_ratios(0.3)).with_keep_ratios(profile.keep_ratios(0.3), profile.ratio_curves())
     specs = attention_specs(["full_attention", "sliding_attention", "sliding_attention", "full_attention"])
     converted = layer_specs(specs, config, prefix_caching=False)

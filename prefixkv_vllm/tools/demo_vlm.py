@@ -19,7 +19,8 @@ import os
 from pathlib import Path
 
 from ..config import default_cache_dir
-from .demo_model import cached_build, demo_model_path
+from .demo_model import demo_model_path
+from .model_cache import cached_build
 
 IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 256, 16, 2
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2  # per image: 256 patches, pixel-shuffled by 2x2

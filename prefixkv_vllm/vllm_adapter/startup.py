@@ -148,7 +148,7 @@ def _keep_ratios(config: PrefixKVConfig, vllm_config, layers: tuple[int, ...]) -
             raise PrefixKVConfigError(f"--kv-profile {config.profile}: {exc}") from None
     if config.policy in ("uniform", "streaming") or config.budget >= 1.0:
         return (config.budget,) * len(layers), None  # a full budget keeps every layer whole: nothing to calibrate
-    from ..tools.calibrate import cached_calibration
+    from ..calibration import cached_calibration
 
     try:
         profile = cached_calibration(model_config.model, config.budget, config)
