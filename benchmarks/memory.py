@@ -193,7 +193,7 @@ def expected_pages(prompt_len: int, generated: int, ratios: list[float] | None, 
     computed = prompt_len + max(0, generated - 1)
     total = math.ceil(computed / BLOCK_SIZE)
     if ratios:
-        layout = PagedLayout(BLOCK_SIZE, defaults.sink, defaults.recent, decode, defaults.decode_interval)
+        layout = PagedLayout(BLOCK_SIZE, defaults.sink, defaults.recent, decode, defaults.decode_interval, prefix_caching=False)
         start, _ = live_blocks(prompt_len, computed, np.array(ratios), layout)
         full = float(np.sum(total - np.asarray(start)))
     else:

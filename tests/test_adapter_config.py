@@ -31,9 +31,9 @@ def test_round_trip():
     "settings, message",
     [
         ({"kv_policy": "h2o"}, "unknown --kv-policy 'h2o'"),
-        ({"kv_policy": "prefixkv", "kv_budget": 0}, r"--kv-budget must be in \(0, 1\]"),
-        ({"kv_policy": "prefixkv", "kv_budget": "0.2"}, r"--kv-budget must be in \(0, 1\]"),
-        ({"kv_policy": "prefixkv", "kv_budget": float("nan")}, r"--kv-budget must be in \(0, 1\]"),
+        ({"kv_policy": "prefixkv", "kv_budget": 0}, r"--kv-budget must be a number in \(0, 1\]"),
+        ({"kv_policy": "prefixkv", "kv_budget": "0.2"}, r"--kv-budget must be a number in \(0, 1\]"),
+        ({"kv_policy": "prefixkv", "kv_budget": float("nan")}, r"--kv-budget must be a number in \(0, 1\]"),
         ({"kv_policy": "prefixkv", "kv_scorer": "max"}, "unknown --kv-scorer 'max'"),
         ({"kv_policy": "prefixkv", "kv_window": 0}, "--kv-window must be an integer >= 1"),
         ({"kv_policy": "prefixkv", "kv_recent": 0}, "--kv-recent must be an integer >= 1"),

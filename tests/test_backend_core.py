@@ -9,11 +9,12 @@ import torch
 pytest.importorskip("vllm")
 
 from prefixkv_vllm.ops import reference as ref  # noqa: E402
-from prefixkv_vllm.policy import build_policy  # noqa: E402
 from prefixkv_vllm.policy.paged import kept_prompt_blocks  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.core import Scales, after_attention, plan_step  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import BatchInfo, WorkerState  # noqa: E402
+
+from .settings import policy as build_policy  # noqa: E402
 
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 16
 
@@ -28,7 +29,7 @@ def plan_of(spec, policy, batch, qsl, seq_lens, table, seq_lens_cpu=None, state=
 def spec(ratio, sink=1, recent=1, budget=None, decode="off", interval=16):
     return PrefixKVAttentionSpec(
         block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=sink, recent=recent,
-        budget=ratio if budget is None else budget, decode=decode, interval=interval,
+        budget=ratio if budget is None else budget, ratio_curve=(), decode=decode, interval=interval, prefix_caching=False,
     )
 
 

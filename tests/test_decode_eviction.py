@@ -16,9 +16,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from prefixkv_vllm.policy import build_policy  # noqa: E402
 from prefixkv_vllm.policy.paged import (  # noqa: E402
-    PagedLayout,
     kept_prompt_blocks,
     last_event,
     live_blocks,
@@ -30,6 +28,9 @@ from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E4
 from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import BatchInfo, WorkerState  # noqa: E402
 
+from .settings import layout as paged_layout  # noqa: E402
+from .settings import policy as build_policy  # noqa: E402
+
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 8
 INTERVAL, RECENT = 16, 4
 # Round intervals the layout tests run at: two blocks, and one (the server's default of 32 tokens at block size 32).
@@ -39,7 +40,7 @@ INTERVALS = (INTERVAL, BLOCK)
 def layer_spec(ratio, decode, budget=None, prefix_caching=False, interval=INTERVAL):
     return PrefixKVAttentionSpec(
         block_size=BLOCK, num_kv_heads=HKV, head_size=DIM, dtype=torch.float32, keep_ratio=ratio, sink=1,
-        recent=RECENT, budget=ratio if budget is None else budget, decode=decode, interval=interval,
+        recent=RECENT, budget=ratio if budget is None else budget, ratio_curve=(), decode=decode, interval=interval,
         prefix_caching=prefix_caching,
     )
 
@@ -49,7 +50,7 @@ class TestLayout:
     @pytest.mark.parametrize("decode", ["off", "fifo", "scored"])
     @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5, 0.9, 1.0])
     def test_start_never_goes_back_and_stays_behind_the_recent_tokens(self, decode, ratio, interval):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=interval)
+        layout = paged_layout(BLOCK, recent=RECENT, decode=decode, interval=interval)
         for prompt in (1, 7, 8, 37, 64, 100):
             computed = np.arange(0, prompt + 400)
             start, end = live_blocks(prompt, computed, ratio, layout)
@@ -61,7 +62,7 @@ class TestLayout:
 
     @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.5])
     def test_decode_rounds_hold_the_ratio_of_all_tokens_seen(self, ratio, interval):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=interval)
+        layout = paged_layout(BLOCK, recent=RECENT, decode="fifo", interval=interval)
         prompt = 200
         for computed in range(prompt + interval, prompt + 2000, 7):
             start, _ = live_blocks(prompt, computed, ratio, layout)
@@ -69,7 +70,7 @@ class TestLayout:
             # ratio x tokens seen, plus the stated overhead: recent window, partial blocks, one interval.
             assert held <= ratio * computed + RECENT + interval + 3 * BLOCK
             assert held >= ratio * computed - BLOCK
-        off = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="off")
+        off = paged_layout(BLOCK, recent=RECENT, decode="off")
         start, _ = live_blocks(prompt, prompt + 2000, ratio, off)
         assert start == prompt // BLOCK - kept_prompt_blocks(prompt, ratio, BLOCK, 1, RECENT)  # off: only the prompt
 
@@ -78,7 +79,7 @@ class TestLayout:
         # Invariant 5, which the scheduler's managers rely on to free once per event:
         # the layout after c tokens is the layout at last_event(c).
         rng = np.random.default_rng(0)
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode=decode, interval=interval)
+        layout = paged_layout(BLOCK, recent=RECENT, decode=decode, interval=interval)
         prompts = rng.integers(0, 300, 400)
         computed = prompts + rng.integers(-50, 500, 400).clip(-prompts)
         ratios = rng.choice([0.05, 0.1, 0.2, 0.37, 0.5, 0.9, 1.0], 400)
@@ -89,12 +90,12 @@ class TestLayout:
             assert live_blocks(int(prompts[i]), event, float(ratios[i]), layout) == (starts[i], ends[i])
 
     def test_full_ratio_never_frees(self, interval):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=interval)
+        layout = paged_layout(BLOCK, recent=RECENT, decode="fifo", interval=interval)
         start, _ = live_blocks(300, np.arange(0, 3000), 1.0, layout)
         assert not start.any()
 
     def test_peak_bounds_every_state(self, interval):
-        layout = PagedLayout(BLOCK, sink=1, recent=RECENT, decode="fifo", interval=interval)
+        layout = paged_layout(BLOCK, recent=RECENT, decode="fifo", interval=interval)
         ratios = np.array([0.1, 0.3, 0.6])
         prompt, final = 150, 600
         peak = peak_live_blocks(prompt, final, ratios, layout)
@@ -105,9 +106,9 @@ class TestLayout:
 
 
 def test_the_interval_must_be_whole_blocks_only_when_rounds_run():
-    PagedLayout(64, decode="off", interval=32)  # no decode rounds: the interval is unused
+    paged_layout(64, decode="off", interval=32)  # no decode rounds: the interval is unused
     with pytest.raises(ValueError, match="multiple of the block size 64"):
-        PagedLayout(64, decode="fifo", interval=32)
+        paged_layout(64, decode="fifo", interval=32)
 
 
 def simulate(
@@ -221,7 +222,7 @@ class TestPrefixCaching:
     @pytest.mark.parametrize("ratio", [0.1, 0.25, 0.6, 0.9])
     @pytest.mark.parametrize("prompt_len, chunk, hit", [(96, None, 0), (96, 24, 0), (96, None, 40), (61, 20, 16), (5, None, 0)])
     def test_no_step_rewrites_the_shared_prefix(self, decode, ratio, prompt_len, chunk, hit):
-        hit = min(hit, shared_prefix_blocks(prompt_len, 0.25, PagedLayout(BLOCK, 1, RECENT)) * BLOCK)
+        hit = min(hit, shared_prefix_blocks(prompt_len, 0.25, paged_layout(BLOCK, recent=RECENT)) * BLOCK)
         history = simulate(prompt_len, 150, decode, ratio=ratio, chunk=chunk, budget=0.25, prefix_caching=True, hit=hit)
         if decode != "off" and prompt_len > 16:
             assert history[-1].shape[0] <= ratio * (prompt_len + 150) + RECENT + INTERVAL + 3 * BLOCK
@@ -235,7 +236,7 @@ class TestPrefixCaching:
 
     def test_a_layer_above_the_budget_keeps_the_shared_blocks_of_its_run_whole(self):
         prompt_len, ratio = 96, 0.6
-        shared = shared_prefix_blocks(prompt_len, 0.25, PagedLayout(BLOCK, 1, RECENT))
+        shared = shared_prefix_blocks(prompt_len, 0.25, paged_layout(BLOCK, recent=RECENT))
         start = prompt_len // BLOCK - kept_prompt_blocks(prompt_len, ratio, BLOCK, 1, RECENT)
         assert start < shared
         first_decode = simulate(prompt_len, 1, "off", ratio=ratio, budget=0.25, prefix_caching=True)[1][:, 0]
@@ -255,7 +256,7 @@ class TestPrefixCaching:
         assert shares["whole"] is None
 
     def test_budget_one_shares_everything(self):
-        assert shared_prefix_blocks(1000, 1.0, PagedLayout(BLOCK, 1, RECENT)) is None
+        assert shared_prefix_blocks(1000, 1.0, paged_layout(BLOCK, recent=RECENT)) is None
         history = simulate(61, 40, "fifo", request_budget=1.0, budget=0.25, prefix_caching=True, hit=48)
         assert all(tags.shape[0] == 61 + i for i, tags in enumerate(history[1:], start=1))
 

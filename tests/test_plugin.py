@@ -265,8 +265,10 @@ def attn_group(backend, spec, name="model.layers.0.self_attn.attn"):
 
 
 def test_kv_cache_check_names_a_stock_backend_on_a_compressed_layer():
-    compressed = PrefixKVAttentionSpec(block_size=32, num_kv_heads=2, head_size=16, dtype=torch.float32, keep_ratio=0.5)
     stock = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=16, dtype=torch.float32)
+    compressed = PrefixKVAttentionSpec.of(
+        stock, keep_ratio=0.5, sink=1, recent=1, budget=0.5, ratio_curve=(), decode="off", interval=32, prefix_caching=False
+    )
     groups = [attn_group(PrefixKVCPUBackend, compressed), attn_group(CPUAttentionBackend, stock)]
     state = WorkerState()
     backends.attach_state([groups], state)

@@ -22,7 +22,6 @@ from prefixkv_vllm.policy import (
     WindowScorer,
     allocate_by_cost,
     average_keep_ratios,
-    build_policy,
     importance_curves,
     prefix_counts,
     search_prefix_config,
@@ -30,6 +29,8 @@ from prefixkv_vllm.policy import (
 )
 from prefixkv_vllm.policy.paged import request_keep_ratio
 from prefixkv_vllm.policy.profile import VERSION, LayerCosts, ModelIdentity
+
+from .settings import policy as build_policy
 
 
 def brute_force_counts(scores: torch.Tensor, threshold: float) -> list[int]:
@@ -264,7 +265,7 @@ class TestPolicies:
     )
     def test_bad_configuration(self, kwargs, message):
         with pytest.raises(ValueError, match=message):
-            build_policy(**kwargs)
+            build_policy(kwargs.pop("name"), kwargs.pop("budget"), **kwargs)
 
     def test_none_is_stock(self):
         assert build_policy("none", 1.0) is None

@@ -69,7 +69,7 @@ def test_request_budget_one_reproduces_stock_greedy_tokens(servers):
 def held_pages(prompt_len: int, computed: int, ratios) -> int:
     """One-layer blocks a request holds after ``computed`` tokens, by the block arithmetic."""
     defaults = PrefixKVConfig()
-    layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, defaults.decode, defaults.decode_interval)
+    layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, defaults.decode, defaults.decode_interval, prefix_caching=True)
     allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot
     return sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)
 

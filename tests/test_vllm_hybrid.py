@@ -28,8 +28,9 @@ from prefixkv_vllm.policy.costs import allocate_by_cost  # noqa: E402
 from prefixkv_vllm.policy.layers import describe_layer_kinds, full_attention_layers  # noqa: E402
 from prefixkv_vllm.policy.paged import peak_live_blocks  # noqa: E402
 from prefixkv_vllm.policy.profile import LayerCosts, ModelIdentity, Profile, ProfileError  # noqa: E402
-from prefixkv_vllm.vllm_adapter.admission import Admission  # noqa: E402
+from prefixkv_vllm.vllm_adapter.admission import Admission
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
+from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import layer_specs  # noqa: E402
 
 from .vllm_server import serve  # noqa: E402
@@ -150,7 +151,10 @@ WINDOW = 64
 
 def admission_with_sliding_groups(running, ratios=(0.25, 0.25), sliding_groups=2):
     compressed = [
-        PrefixKVAttentionSpec(block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32, keep_ratio=r, budget=0.25, decode="fifo")
+        PrefixKVAttentionSpec(
+            block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32, keep_ratio=r, sink=1, recent=1, budget=0.25,
+            ratio_curve=(), decode="fifo", interval=32, prefix_caching=False,
+        )
         for r in ratios
     ]
     sliding = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=1, head_size=64, dtype=torch.float32, sliding_window=WINDOW)
@@ -160,7 +164,8 @@ def admission_with_sliding_groups(running, ratios=(0.25, 0.25), sliding_groups=2
         SimpleNamespace(sliding_window=WINDOW, extra_retained_tokens=0), c))
     managers = [None] * len(compressed) + [manager] * sliding_groups
     vllm_config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=4096), max_in_flight_tokens=256, max_concurrent_batches=1)
-    return Admission(vllm_config, SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs]), managers, lambda: running)
+    groups = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=s) for s in specs])
+    return Admission(vllm_config, groups, managers, lambda: running, SchedulerBudgets())
 
 
 def request(name, prompt, max_tokens, computed=0):
@@ -301,7 +306,7 @@ def held_pages(prompt_len: int, computed: int, ratios) -> tuple[int, int]:
     from prefixkv_vllm.config import PrefixKVConfig as defaults
     from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
 
-    layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, "fifo", defaults.decode_interval)
+    layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, "fifo", defaults.decode_interval, prefix_caching=True)
     allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot
     full = sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)
     # vLLM's own rule for the sliding-window layers, the same in both servers.

@@ -317,7 +317,7 @@ def test_aborted_stream_frees_its_blocks(compressed):
 # model first, in the fixture). One flag error goes through `vllm serve`; the others are
 # checked on the parser itself (tests/test_plugin.py), the same code without a 13 s start.
 BAD_SETTINGS = {
-    "budget": (("--kv-policy", "prefixkv", "--kv-budget", "1.5"), "argument --kv-budget: must be in (0, 1]"),
+    "budget": (("--kv-policy", "prefixkv", "--kv-budget", "1.5"), "argument --kv-budget: must be a number in (0, 1]"),
     "profile path": (("--kv-policy", "prefixkv", "--kv-profile", "/nonexistent/profile.json"), "prefixkv: error: --kv-profile /nonexistent/profile.json: cannot read profile"),
     "tiers": (("--kv-policy", "prefixkv", "--kv-tiers", "7"), "prefixkv: error: --kv-tiers 7 must divide the model's 30 layers evenly"),
     "loss range": (("--kv-policy", "prefixkv", "--kv-budget", "0.02"), "prefixkv: error: --kv-criterion loss: the loss criterion measures keep ratios from 0.05; budget 0.02 is below"),

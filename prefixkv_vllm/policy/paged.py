@@ -68,11 +68,11 @@ class PagedLayout:
     """The settings that fix a layer's block layout, besides its ratio."""
 
     block_size: int
-    sink: int = 1
-    recent: int = 1
-    decode: str = "off"
-    interval: int = 32  # generated tokens between decode rounds, a multiple of block_size (the server's default)
-    prefix_caching: bool = False  # vLLM's prefix caching is on: keep a write-once prefix (see above)
+    sink: int
+    recent: int
+    decode: str
+    interval: int  # generated tokens between decode rounds, a multiple of block_size when rounds run
+    prefix_caching: bool  # vLLM's prefix caching is on: keep a write-once prefix (see above)
 
     def __post_init__(self):
         if self.decode not in DECODE_MODES:

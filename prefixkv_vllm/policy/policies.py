@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .allocation import Allocator, PrefixSearchAllocator, ProfileAllocator, UniformAllocator
+from .budget import check_budget
 from .profile import Profile
 from .scorers import RecencyScorer, Scorer, make_scorer
 from .selection import Protection, clamp_keep_counts, select_tokens
@@ -42,18 +43,24 @@ def build_policy(
     name: str,
     budget: float,
     *,
-    scorer: str = "window",
-    per_kv_head: bool = False,
-    window: int = 32,
-    sink: int = 1,
-    recent: int = 1,
+    scorer: str,
+    per_kv_head: bool,
+    window: int,
+    sink: int,
+    recent: int,
     profile: Profile | None = None,
 ) -> KVPolicy | None:
-    """The policy called ``name``, or ``None`` for ``"none"`` (stock vLLM)."""
+    """The policy called ``name``, or ``None`` for ``"none"`` (stock vLLM).
+
+    The settings' defaults are the server's (``config.PrefixKVConfig``); ``profile``: per-layer
+    ratios for ``prefixkv`` (without one it searches them per prompt).
+    """
     if name not in POLICY_NAMES:
         raise ValueError(f"unknown KV policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"KV budget must be in (0, 1], got {budget}")
+    try:
+        budget = check_budget(budget)
+    except ValueError as exc:
+        raise ValueError(f"KV budget {exc}") from None
     if name == "none":
         return None
     if recent < 1:

@@ -30,16 +30,18 @@ _PREFIXKV_FIELDS = ("keep_ratio", "sink", "recent", "budget", "ratio_curve", "de
 
 @dataclass(frozen=True, kw_only=True)
 class PrefixKVAttentionSpec(FullAttentionSpec):
-    keep_ratio: float = 1.0
-    sink: int = 1
-    recent: int = 1
-    budget: float = 1.0  # the server's mean budget over layers, which per-request budgets rescale
+    """vLLM's full-attention spec plus the layer's PrefixKV settings (their defaults: ``config.PrefixKVConfig``)."""
+
+    keep_ratio: float
+    sink: int
+    recent: int
+    budget: float  # the server's mean budget over layers, which per-request budgets rescale
     # The layer's ratio at any request budget, as knots (budget, ratio) of the loss
     # allocation (policy.costs.allocation_curves); empty: per-request budgets rescale keep_ratio.
-    ratio_curve: tuple[tuple[float, float], ...] = ()
-    decode: str = "off"  # decode-time eviction mode (policy.paged.DECODE_MODES)
-    interval: int = PagedLayout.interval  # generated tokens between decode rounds
-    prefix_caching: bool = False  # vLLM's prefix caching is on
+    ratio_curve: tuple[tuple[float, float], ...]
+    decode: str  # decode-time eviction mode (policy.paged.DECODE_MODES)
+    interval: int  # generated tokens between decode rounds
+    prefix_caching: bool  # vLLM's prefix caching is on
 
     @property
     def prefixkv_settings(self) -> tuple:
@@ -69,7 +71,13 @@ class PrefixKVAttentionSpec(FullAttentionSpec):
         if len(settings) != 1:
             # vLLM's grouping probes merge() and reads an AssertionError as "not uniform".
             raise AssertionError("layers with different PrefixKV keep ratios cannot share a KV-cache group")
-        return dataclasses.replace(super().merge(specs), **dict(zip(_PREFIXKV_FIELDS, settings.pop())))
+        return cls.of(FullAttentionSpec.merge(specs), **dict(zip(_PREFIXKV_FIELDS, settings.pop())))
+
+    @classmethod
+    def of(cls, spec: FullAttentionSpec, **settings) -> "PrefixKVAttentionSpec":
+        """``spec`` (vLLM's) with the PrefixKV ``settings``."""
+        fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FullAttentionSpec) if f.init}
+        return cls(**fields, **settings)
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         # The default isinstance check would fold every tier back into one group.

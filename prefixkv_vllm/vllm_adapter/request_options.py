@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import check_budget
+from ..policy.budget import check_budget
 
 
 def request_budget(extra_args: dict[str, Any] | None) -> float | None:

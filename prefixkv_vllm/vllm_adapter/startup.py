@@ -216,9 +216,8 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_ca
     converted = dict(specs)
     for index, ratio, curve in zip(config.layers, ratios, curves):
         name = full[index]
-        fields = {f.name: getattr(specs[name], f.name) for f in dataclasses.fields(FullAttentionSpec) if f.init}
-        converted[name] = PrefixKVAttentionSpec(
-            **fields,
+        converted[name] = PrefixKVAttentionSpec.of(
+            specs[name],
             keep_ratio=ratio,
             sink=config.sink,
             recent=config.recent,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import functools
 
-from ...config import ADMISSION_MODES, PrefixKVConfig, check_budget
+from ...config import ADMISSION_MODES, PrefixKVConfig
 from ...policy import CRITERIA, POLICY_NAMES, SCORERS
+from ...policy.budget import check_budget
 from ...policy.paged import DECODE_MODES
 
 # Flag names double as additional_config keys.
