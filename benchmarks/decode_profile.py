@@ -32,9 +32,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as `python benchmarks/NAME.py`: the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from memory import BLOCK_SIZE  # noqa: E402
+from benchmarks.memory import BLOCK_SIZE  # noqa: E402
 
 CONFIGS = {
     "stock": {},
@@ -62,10 +63,10 @@ def kind(name: str) -> str:
 def run_config(settings: dict, args) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
-    from memory import model_layout
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from benchmarks.memory import model_layout
     from prefixkv_vllm.tools.demo_model import demo_model_path
 
     model = str(demo_model_path())

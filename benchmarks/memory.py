@@ -45,12 +45,12 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as `python benchmarks/NAME.py`: the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import describe, serving_dtype  # noqa: E402
-
+from benchmarks.machine import describe, serving_dtype  # noqa: E402
+from benchmarks.serving import ServerProcess, vllm_server, vllm_version  # noqa: E402
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
-from prefixkv_vllm.tools.server import ServerProcess, vllm_server, vllm_version  # noqa: E402
 
 BLOCK_SIZE = 32
 SERVE_ARGS = [
@@ -106,7 +106,7 @@ def run_load(server: Server, prompts: list[list[int]], max_tokens: int, poll_s: 
         except Exception as exc:  # reported with the results
             records[index]["error"] = repr(exc)
 
-    from prompts import CpuMeter
+    from benchmarks.prompts import CpuMeter
 
     meter = CpuMeter(server.process.pid)
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(prompts))]
@@ -416,9 +416,9 @@ def main(argv=None) -> int:
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
     args = parser.parse_args(argv)
 
-    from prompts import build_prompts
     from transformers import AutoTokenizer
 
+    from benchmarks.prompts import build_prompts
     from prefixkv_vllm.tools.demo_model import model_path
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the running server on the way out

@@ -47,15 +47,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as `python benchmarks/NAME.py`: the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import describe, serving_dtype  # noqa: E402
-
+from benchmarks.machine import describe, serving_dtype  # noqa: E402
+from benchmarks.serving import stop_process_group, vllm_version  # noqa: E402
 from prefixkv_vllm.config import PrefixKVConfig  # noqa: E402
 from prefixkv_vllm.policy import CRITERIA  # noqa: E402
 from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
-from prefixkv_vllm.tools.server import stop_process_group, vllm_version  # noqa: E402
 
 SCORERS = ("raw", "mean", "window", "snapkv")
 BOOTSTRAP_SAMPLES = 10_000
@@ -244,7 +244,7 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(args.reserved_cpus))
-    from prompts import CpuMeter
+    from benchmarks.prompts import CpuMeter
 
     started = time.time()
     with open(log_path, "w") as log:
@@ -273,7 +273,7 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
 
 
 def score(results: list[dict], prompts: list[dict]) -> list[dict]:
-    from prompts import answer_contains
+    from benchmarks.prompts import answer_contains
 
     reference = next(r for r in results if r["config"]["policy"] == "none")
     rows = []
@@ -509,9 +509,9 @@ def main(argv=None) -> int:
         run_config(args)
         return 0
 
-    from prompts import build_prompts
     from transformers import AutoTokenizer
 
+    from benchmarks.prompts import build_prompts
     from prefixkv_vllm.tools.demo_model import model_path
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up in launch()

@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if __package__ in (None, ""):  # run as `python benchmarks/NAME.py`: the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quality import comparison_lines, comparisons, mean_sem  # noqa: E402
+from benchmarks.quality import comparison_lines, comparisons, mean_sem  # noqa: E402
 
 # Figures of one run, which do not pool as they are.
 _PER_RUN = ("wall_s", "rouge_by_kind", "kept_hits", "kept_n", "identical", "n", "generate_s", "foreign_share")

@@ -26,12 +26,12 @@ from pathlib import Path
 import requests
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+if __package__ in (None, ""):  # run as `python benchmarks/NAME.py`: the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from soak_load import SoakSpec, run_soak  # noqa: E402
-
+from benchmarks.serving import vllm_server, vllm_version  # noqa: E402
+from benchmarks.soak_load import SoakSpec, run_soak  # noqa: E402
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
-from prefixkv_vllm.tools.server import vllm_server, vllm_version  # noqa: E402
 
 SERVE = ["--dtype", "float32", "--enforce-eager", "--block-size", "32", "--served-model-name", "demo"]
 CHECK_PROMPTS = [

@@ -46,12 +46,13 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+if __package__ in (None, ""):  # run as `python benchmarks/NAME.py`: the repository's packages
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from machine import describe, serving_dtype  # noqa: E402
-
+from benchmarks.machine import describe, serving_dtype  # noqa: E402
+from benchmarks.serving import VLLM, ServerProcess, vllm_server, vllm_version  # noqa: E402
 from prefixkv_vllm.config import ADMISSION_MODES  # noqa: E402
 from prefixkv_vllm.policy.paged import DECODE_MODES  # noqa: E402
-from prefixkv_vllm.tools.server import VLLM, ServerProcess, vllm_server, vllm_version  # noqa: E402
 
 BLOCK_SIZE = 32
 SERVE_ARGS = ["--enforce-eager", "--block-size", str(BLOCK_SIZE), "--served-model-name", "demo"]

@@ -6,6 +6,8 @@ defaults live in ``config.PrefixKVConfig`` only); these are the tests' own.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefixkv_vllm.policy import build_policy
 from prefixkv_vllm.policy.paged import PagedLayout
 
@@ -19,3 +21,8 @@ def policy(name: str, budget: float, **settings):
 
 def layout(block_size: int, **settings) -> PagedLayout:
     return PagedLayout(block_size, **{**LAYOUT, **settings})
+
+
+# What start-up calibrates for the demo model with the default settings (test_calibrate checks its
+# recipe), passed as a profile so that server tests do not spend 220 s calibrating.
+DEFAULT_PROFILE = Path(__file__).resolve().parent / "data" / "smollm2-135m-default-profile.json"

@@ -33,6 +33,7 @@ except RuntimeError as error:
 """
 
 
+@pytest.mark.slow  # a whole CMake build
 @pytest.mark.skipif(CMAKE is None, reason="no cmake")
 def test_error_messages_survive_a_static_libstdcxx_toolchain(tmp_path):
     suffix = sysconfig.get_config_var("EXT_SUFFIX")

@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import inspect
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from prefixkv_vllm import calibration as cal
 from prefixkv_vllm.policy import Profile, ProfileError, Protection, WindowScorer, allocate_by_cost
 from prefixkv_vllm.policy.profile import LayerCosts, ModelIdentity
 from prefixkv_vllm.tools import calibrate as cli
+
+from .settings import DEFAULT_PROFILE
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +241,10 @@ def test_start_up_calibrates_a_loss_profile_once_for_every_budget(tmp_path, monk
 
 
 def test_the_committed_default_profile_is_what_start_up_calibrates():
-    # tests/test_vllm_serve.py serves the demo model with this profile in place of start-up
+    # The server tests serve the demo model with this profile in place of start-up
     # calibration; if the recipe or a default changes, recalibrate it (`prefixkv calibrate
     # "$(prefixkv demo-model)" --budget 0.2 0.5 -o <this file>`).
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "profiles" / "SmolLM2-135M-Instruct-default.json"
-    default = Profile.load(path)
+    default = Profile.load(DEFAULT_PROFILE)
     provenance = default.provenance
     recipe = (provenance["recipe"], provenance["criterion"], default.scorer, provenance["window"], provenance["tasks"], provenance["samples"])
     defaults = {name: p.default for name, p in inspect.signature(cal.calibrate).parameters.items()}

@@ -18,6 +18,7 @@ def test_there_are_cuda_sources():
     assert {p.name for p in CUDA_SOURCES} >= {"importance.cu", "compact.cu"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(NVCC).exists(), reason="no CUDA toolkit (nvcc) on this machine")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_cuda_source_compiles_for_sm90a(source, tmp_path):
@@ -30,6 +31,7 @@ def test_cuda_source_compiles_for_sm90a(source, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path(NVCC).exists(), reason="no CUDA toolkit (nvcc) on this machine")
 def test_cuda_torch_bindings_compile(tmp_path):
     """The CUDA op registrations parse against this torch's headers and the CUDA runtime headers.

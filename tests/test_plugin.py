@@ -80,6 +80,7 @@ def test_bad_flags_are_argument_errors(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a fresh interpreter imports vLLM
 def test_register_patches_only_constructors_and_no_backend():
     # Everything on the per-step path (_update_states, _build_attention_metadata,
     # add_request, _free_request, _validate_params, the CPU backend) stays vLLM's own.
@@ -90,6 +91,7 @@ def test_register_patches_only_constructors_and_no_backend():
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_register_on_an_unsupported_vllm_touches_no_engine_class():
     probe = probe_register("0.40.0")
     assert (probe["changed"], probe["overrides_changed"]) == ([], False)

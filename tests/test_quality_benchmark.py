@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_rouge_l_is_the_library_metric():
-    from quality import rouge_l_f1
+    from benchmarks.quality import rouge_l_f1
 
     assert rouge_l_f1("the cat sat on the mat", "the cat sat on the mat") == 1.0
     # LCS 5 of 5 candidate and 6 reference tokens: F1 = 2 * 1 * 5/6 / (1 + 5/6)
@@ -22,7 +20,7 @@ def test_rouge_l_is_the_library_metric():
 
 
 def test_paired_interval():
-    from quality import paired_interval
+    from benchmarks.quality import paired_interval
 
     assert paired_interval([0.25] * 10) == (0.25, 0.25, 0.25)
     mean, low, high = paired_interval([0.1, 0.3, 0.2, 0.4, 0.0, 0.2, 0.3, 0.1])
@@ -40,7 +38,7 @@ def row(policy, scorer, rouge, needle, budget=0.2, **extra):
 
 
 def test_comparisons_pair_each_configuration_with_its_uniform_baseline():
-    from quality import comparisons
+    from benchmarks.quality import comparisons
 
     rows = [
         {"policy": "none", "name": "full cache"},
@@ -66,7 +64,7 @@ def test_comparisons_pair_each_configuration_with_its_uniform_baseline():
 
 
 def test_pooling_concatenates_prompt_sets_and_pairs_them():
-    from quality_pool import pool
+    from benchmarks.quality_pool import pool
 
     run_a = {"rows": [row("uniform", "snapkv", [0.5, 0.5], [0]), row("prefixkv", "snapkv", [0.7, 0.5], [1]), row("uniform", "window", [0.1, 0.1], [0])]}
     run_b = {"rows": [row("prefixkv", "snapkv", [0.6], [1, 0]), row("uniform", "snapkv", [0.6], [0, 0])]}
@@ -83,7 +81,7 @@ def test_pooling_concatenates_prompt_sets_and_pairs_them():
 def test_pooling_refuses_the_same_prompts_twice(tmp_path):
     import json
 
-    from quality_pool import main
+    from benchmarks.quality_pool import main
 
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"prompts": [{"kind": "qa"}], "rows": [row("uniform", "snapkv", [0.5], [])]}))
@@ -92,7 +90,7 @@ def test_pooling_refuses_the_same_prompts_twice(tmp_path):
 
 
 def test_profiles_run_at_their_budgets():
-    from quality import additional_config, config_name, configurations
+    from benchmarks.quality import additional_config, config_name, configurations
 
     configs = configurations([0.2, 0.5], ["uniform"], ["window"], profiles=[("/p/loss.json", "snapkv", "loss", (0.2,))])
     profiled = [c for c in configs if "profile" in c]
@@ -102,7 +100,7 @@ def test_profiles_run_at_their_budgets():
 
 
 def test_criteria_pick_the_start_up_calibration():
-    from quality import additional_config, config_name, configurations
+    from benchmarks.quality import additional_config, config_name, configurations
 
     configs = configurations([0.2], ["uniform", "prefixkv"], ["snapkv"], criteria=["attention", "loss"])
     assert [config_name(c) for c in configs[1:]] == ["uniform/snapkv@0.2", "prefixkv (attention criterion)/snapkv@0.2", "prefixkv/snapkv@0.2"]
@@ -112,7 +110,7 @@ def test_criteria_pick_the_start_up_calibration():
 
 
 def test_tiers_run_prefixkv_with_fewer_groups():
-    from quality import additional_config, config_name, configurations
+    from benchmarks.quality import additional_config, config_name, configurations
 
     configs = configurations([0.2], ["uniform", "prefixkv"], ["snapkv"], tiers=[0, 3])
     assert [config_name(c) for c in configs[1:]] == ["uniform/snapkv@0.2", "prefixkv/snapkv@0.2", "prefixkv, 3 tiers/snapkv@0.2"]
@@ -122,8 +120,7 @@ def test_tiers_run_prefixkv_with_fewer_groups():
 
 
 def test_intervals_apply_to_evicting_decode_modes():
-    from quality import additional_config, config_name, configurations
-
+    from benchmarks.quality import additional_config, config_name, configurations
     from prefixkv_vllm.config import PrefixKVConfig
 
     default = PrefixKVConfig.decode_interval
@@ -146,7 +143,7 @@ def tokenizer():
 
 
 def test_prompt_set_spreads_needles_and_has_long_outputs(tokenizer):
-    from prompts import _LONG_INSTRUCTIONS, NEEDLE_KINDS, build_prompts
+    from benchmarks.prompts import _LONG_INSTRUCTIONS, NEEDLE_KINDS, build_prompts
 
     prompts = build_prompts(tokenizer, 48, 300, 600)
     assert len(prompts) == 48

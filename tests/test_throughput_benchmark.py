@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def row(config: str, duration: float, tok_s: float, **extra) -> dict:
@@ -24,7 +23,7 @@ def row(config: str, duration: float, tok_s: float, **extra) -> dict:
 
 
 def test_table_gives_ratios_and_both_bounds():
-    from throughput import markdown
+    from benchmarks.throughput import markdown
 
     rows = [
         row("stock", 100.0, 10.0, prefill_only=True, duration_s=25.0),
@@ -39,7 +38,7 @@ def test_table_gives_ratios_and_both_bounds():
 
 
 def test_tiers_reach_the_server_and_the_table():
-    from throughput import config_args, config_name
+    from benchmarks.throughput import config_args, config_name
 
     config = {"policy": "prefixkv", "budget": 0.2, "decode": "fifo", "tiers": 3}
     assert config_args(config)[-2:] == ["--kv-tiers", "3"] and config_name(config) == "prefixkv@0.2 (fifo, 3 tiers)"
@@ -47,7 +46,7 @@ def test_tiers_reach_the_server_and_the_table():
 
 
 def test_intervals_reach_the_server_and_the_table():
-    from throughput import config_args, config_name
+    from benchmarks.throughput import config_args, config_name
 
     config = {"policy": "prefixkv", "budget": 0.2, "decode": "fifo", "interval": 32}
     args = config_args(config)
@@ -56,7 +55,7 @@ def test_intervals_reach_the_server_and_the_table():
 
 
 def test_admissions_reach_the_server_and_the_table():
-    from throughput import config_args, config_name
+    from benchmarks.throughput import config_args, config_name
 
     config = {"policy": "prefixkv", "budget": 0.2, "decode": "fifo", "admission": "stock"}
     args = config_args(config)

@@ -22,8 +22,8 @@ from prefixkv_vllm.policy.paged import PagedLayout, live_blocks  # noqa: E402
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 from .cpu_features import HAS_AMX, needs_avx512  # noqa: E402
-from .test_vllm_serve import CHAT_PROMPTS, DEFAULT_PROFILE  # noqa: E402
-from .vllm_server import serve  # noqa: E402
+from .settings import DEFAULT_PROFILE  # noqa: E402
+from .vllm_server import CHAT_PROMPTS, serve  # noqa: E402
 
 BLOCK = 32  # tests/vllm_server.py's --block-size
 # Pools of about the same tokens: stock puts all 30 layers in one block, PrefixKV one layer.
@@ -40,7 +40,7 @@ def servers(request, tmp_path_factory):
     blocks = ("--max-model-len", "4096", "--num-gpu-blocks-override")  # a 6,400-token pool holds 4096
     with (
         serve(model, *settings, *blocks, str(STOCK_BLOCKS), env={"VLLM_PLUGINS": ""}, log_dir=log_dir) as stock,
-        serve(model, *settings, *blocks, str(COMPRESSED_BLOCKS), "--kv-policy", "prefixkv", *DEFAULT_PROFILE, log_dir=log_dir) as compressed,
+        serve(model, *settings, *blocks, str(COMPRESSED_BLOCKS), "--kv-policy", "prefixkv", "--kv-profile", str(DEFAULT_PROFILE), log_dir=log_dir) as compressed,
     ):
         yield request.param, stock, compressed
 
@@ -94,7 +94,7 @@ def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers):
     # 1000 % 32 = 8: the 12 decode steps stay inside one block, so the holdings are constant.
     length = 1000
     prompt = np.random.default_rng(length).integers(100, 40000, size=length).tolist()
-    ratios = Profile.load(DEFAULT_PROFILE[1]).keep_ratios(PrefixKVConfig.budget)
+    ratios = Profile.load(DEFAULT_PROFILE).keep_ratios(PrefixKVConfig.budget)
     computed = length + 1  # the first decode step has run: the prompt is compacted
     assert max_usage_while_decoding(stock, prompt) == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6)
     expected = held_pages(length, computed, ratios) / (COMPRESSED_BLOCKS - 1)

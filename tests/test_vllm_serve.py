@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,35 +20,12 @@ pytest.importorskip("vllm")
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from soak_load import SoakSpec, run_soak  # noqa: E402
+from benchmarks.soak_load import SoakSpec, run_soak  # noqa: E402
 
-from .vllm_server import concurrent_streams, run_startup_failure, serve  # noqa: E402
+from .settings import DEFAULT_PROFILE as DEFAULT_PROFILE_PATH  # noqa: E402
+from .vllm_server import CHAT_PROMPTS, LONG_PROMPTS, concurrent_streams, document, run_startup_failure, serve  # noqa: E402
 
-# What start-up calibrates for the demo model with the default settings (tests/test_calibrate.py
-# checks its recipe), passed as a profile so that this module does not spend 220 s calibrating;
-# the start-up calibration itself runs end to end in tests/test_vllm_vision.py, on a small model.
-DEFAULT_PROFILE = ("--kv-profile", str(ROOT / "benchmarks" / "results" / "profiles" / "SmolLM2-135M-Instruct-default.json"))
-
-COLORS = ("red", "blue", "green", "yellow")
-
-
-def document(items: int, offset: int = 0) -> str:
-    return " ".join(
-        f"Item {i}: the {COLORS[i % 4]} box on shelf {i % 7} holds {i * 7 % 101} marbles."
-        for i in range(offset, offset + items)
-    )
-
-
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three prime numbers and explain why they are prime.",
-    document(40) + "\nHow many marbles does the box of item 12 hold?",
-    "Summarize the following text in one sentence.\n" + document(60, offset=5),
-    "Explain what a KV cache is in a transformer, in two sentences.",
-]
-LONG_PROMPTS = [document(120, offset=k * 13) + f"\nWhich color is the box of item {k * 13 + 3}?" for k in range(4)]
+DEFAULT_PROFILE = ("--kv-profile", str(DEFAULT_PROFILE_PATH))
 
 
 @pytest.fixture(scope="module")

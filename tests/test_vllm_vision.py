@@ -18,8 +18,11 @@ from PIL import Image  # noqa: E402
 
 from prefixkv_vllm.tools.demo_vlm import IMAGE_TOKENS, demo_vlm_path  # noqa: E402
 
-from .test_vllm_serve import document  # noqa: E402
-from .vllm_server import concurrent_streams, serve  # noqa: E402
+from .vllm_server import (  # noqa: E402
+    concurrent_streams,
+    document,  # noqa: E402
+    serve,
+)
 
 VLM_ARGS = ("--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 2}')
 RED, BLUE = (220, 30, 30), (30, 40, 220)

@@ -11,7 +11,27 @@ from pathlib import Path
 
 import requests
 
-from prefixkv_vllm.tools.server import VLLM, ServerProcess, free_port, vllm_server
+from benchmarks.serving import VLLM, ServerProcess, free_port, vllm_server
+
+COLORS = ("red", "blue", "green", "yellow")
+
+
+def document(items: int, offset: int = 0) -> str:
+    return " ".join(
+        f"Item {i}: the {COLORS[i % 4]} box on shelf {i % 7} holds {i * 7 % 101} marbles."
+        for i in range(offset, offset + items)
+    )
+
+
+CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers and explain why they are prime.",
+    document(40) + "\nHow many marbles does the box of item 12 hold?",
+    "Summarize the following text in one sentence.\n" + document(60, offset=5),
+    "Explain what a KV cache is in a transformer, in two sentences.",
+]
+LONG_PROMPTS = [document(120, offset=k * 13) + f"\nWhich color is the box of item {k * 13 + 3}?" for k in range(4)]
 
 SERVE_DEFAULTS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32", "--served-model-name", "demo"]
 
