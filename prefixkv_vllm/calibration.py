@@ -38,6 +38,7 @@ import logging
 import os
 import random
 import time
+import types
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -132,7 +133,7 @@ def _chat_prompt(index: int, budget_chars: int) -> list[dict]:
     return messages
 
 
-_TASK_PROMPTS = {"documents": _document_prompt, "needles": _needle_prompt, "chat": _chat_prompt}
+_TASK_PROMPTS = types.MappingProxyType({"documents": _document_prompt, "needles": _needle_prompt, "chat": _chat_prompt})
 
 
 def calibration_prompts(tokenizer, num_prompts: int, max_tokens: int, tasks: Sequence[str] = ("documents",)) -> list[list[int]]:

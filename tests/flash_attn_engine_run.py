@@ -15,6 +15,7 @@ Usage: ``python tests/flash_attn_engine_run.py MODEL_DIR``
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -60,6 +61,7 @@ def use_stand_ins() -> None:
 
     original = CpuPlatform.get_attn_backend_cls.__func__
 
+    @functools.wraps(original)  # start-up checks vLLM's signatures, through wrappers
     def get_attn_backend_cls(cls, selected_backend, *args, **kwargs):
         if selected_backend in (AttentionBackendEnum.FLASH_ATTN, AttentionBackendEnum.CUSTOM):
             return selected_backend.get_path()
@@ -72,6 +74,7 @@ def watch_prefixkv_impl(seen: Counter) -> None:
     """Count, per layer, the steps PrefixKV's impl ran and compacted; its outputs must be finite."""
     original = PrefixKVFlashAttentionImpl.forward
 
+    @functools.wraps(original)
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         result = original(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         if attn_metadata is not None:
@@ -108,7 +111,7 @@ def main(model_dir: str) -> None:
     stock_tokens = generate(stock)
     del stock
 
-    backends.BACKENDS["cpu"] = backends.BACKENDS["cuda"]
+    backends.BACKENDS = {**backends.BACKENDS, "cpu": backends.BACKENDS["cuda"]}  # the CPU platform runs PrefixKV's FlashAttention
     seen: Counter = Counter()
     watch_prefixkv_impl(seen)
     prefixkv = LLM(**engine, additional_config={

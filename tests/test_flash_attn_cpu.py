@@ -83,14 +83,15 @@ from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 from vllm.v1.worker.utils import allocate_kv_cache  # noqa: E402
 
+from prefixkv_vllm.config import PrefixKVConfig  # noqa: E402
 from prefixkv_vllm.policy.paged import live_blocks  # noqa: E402
 from prefixkv_vllm.vllm_adapter import backends, plugin, startup  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.cpu_attn import PrefixKVCPUBackend  # noqa: E402
-from prefixkv_vllm.vllm_adapter.backends.cpu_attn import token_major_views as cpu_token_major_views  # noqa: E402
+from prefixkv_vllm.vllm_adapter.backends.cpu_attn import paged_views as cpu_paged_views  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.flash_attn import PrefixKVFlashAttentionBackend  # noqa: E402
-from prefixkv_vllm.vllm_adapter.config import PrefixKVConfig  # noqa: E402
+from prefixkv_vllm.vllm_adapter.hooks.model_runner import bind_model_runner  # noqa: E402
+from prefixkv_vllm.vllm_adapter.hooks.scheduler import bind_scheduler  # noqa: E402
 from prefixkv_vllm.vllm_adapter.request_options import budget_of  # noqa: E402
-from prefixkv_vllm.vllm_adapter.worker_state import STORE  # noqa: E402
 
 from . import flash_attn_reference as reference  # noqa: E402
 
@@ -143,10 +144,10 @@ class Plumbing:
 
     Loaded by vLLM, the plugin patches vLLM's classes for the whole process (``plugin.register``),
     so this test keeps vLLM from loading it and calls the hooks' bodies itself: start-up on the
-    engine config, the scheduler's per-request budgets and admission, and on the runner the
-    per-step worker state (``worker_state``): each step's batch (prompt lengths, budgets,
-    live-run starts) published around the metadata build, the state of finished and preempted
-    requests dropped. Builders are made here too, as what they read may change with that state.
+    engine config, the scheduler's per-request budgets and admission, and on the runner its
+    ``worker_state.WorkerState``: each step's batch (prompt lengths, budgets, live-run starts)
+    set around the metadata build, handed to the PrefixKV builders once the KV cache exists,
+    the state of finished and preempted requests dropped.
     """
 
     def __init__(self, monkeypatch) -> None:
@@ -156,17 +157,16 @@ class Plumbing:
         plugin._register_kv_spec()
         # The layers here name their backend class; nothing needs CUSTOM resolved in this process.
         monkeypatch.setattr(backends, "use_prefixkv_backend", lambda: None)
-        self.requests_before = len(STORE)  # the store is process-wide: other modules' requests may be in it
 
     def start_up(self, vllm_config) -> None:
         startup.configure_engine(vllm_config)  # the plugin's EngineArgs.create_engine_config hook
         self.config = PrefixKVConfig.from_additional_config(vllm_config.additional_config)
 
     def bind_runner(self, runner) -> None:
-        plugin.bind_model_runner(runner, self.config)  # the plugin's GPUModelRunner.__init__ hook
+        self.state = bind_model_runner(runner, self.config)  # the plugin's GPUModelRunner.__init__ hook
 
     def bind_scheduler(self, scheduler) -> None:
-        plugin.bind_scheduler(scheduler, self.config)  # the plugin's Scheduler.__init__ hook
+        bind_scheduler(scheduler, self.config)  # the plugin's Scheduler.__init__ hook
 
     @staticmethod
     def builder(builder_cls, spec, layer_names, vllm_config):
@@ -174,8 +174,8 @@ class Plumbing:
 
     def forget(self, req_ids) -> None:
         """Drop the state of the requests still known to the runner; no other request of the run may have left any."""
-        STORE.drop(req_ids)
-        assert len(STORE) == self.requests_before, "request state outlived its requests"
+        self.state.store.drop(req_ids)
+        assert len(self.state.store) == 0, "request state outlived its requests"
 
 
 # Three pipelines over the same requests, each with its own layers, builders and cache buffer:
@@ -187,7 +187,7 @@ PIPELINES = {
 }
 # How each backend's kernels see a layer cache as token-major [num_blocks, block_size, Hkv, D] keys and values:
 # FlashAttention's own view (do_kv_cache_update), and the CPU layout (checked against vLLM's writer elsewhere).
-TOKEN_VIEWS = {"ours": lambda cache: cache.transpose(1, 2).split(HEAD_DIM, dim=-1), "cpu": cpu_token_major_views}
+TOKEN_VIEWS = {"ours": lambda cache: cache.transpose(1, 2).split(HEAD_DIM, dim=-1), "cpu": lambda cache: cpu_paged_views(cache, "vec")}
 
 
 @dataclasses.dataclass
@@ -260,7 +260,8 @@ class ModelFreeRunner:
             }  # fmt: skip
             self.groups.append(SimpleNamespace(spec=group.kv_cache_spec, layers=indices, builders=builders))
         self.attn_groups = [
-            [SimpleNamespace(kv_cache_spec=g.spec, backend=PIPELINES[k][1], layer_names=[self.layers[k][i].layer_name for i in g.layers])
+            [SimpleNamespace(kv_cache_spec=g.spec, backend=PIPELINES[k][1], layer_names=[self.layers[k][i].layer_name for i in g.layers],
+                             metadata_builders=[g.builders[k]])
              for k in ("ours", "cpu")]
             for g in self.groups
         ]  # fmt: skip

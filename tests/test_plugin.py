@@ -197,6 +197,7 @@ def engine_config(**changes):
     config = SimpleNamespace(
         model_config=model, parallel_config=parallel, speculative_config=None, kv_transfer_config=None,
         cache_config=SimpleNamespace(cache_dtype="auto"), use_v2_model_runner=False,
+        scheduler_config=SimpleNamespace(async_scheduling=False),
     )
     for path, value in changes.items():
         owner, name = path.split("__")
@@ -213,6 +214,7 @@ def engine_config(**changes):
         ({"parallel_config__prefill_context_parallel_size": 2}, "context parallelism"),
         ({"parallel_config__use_ubatching": True}, "dual-batch overlap / micro-batching"),
         ({"model_config__uses_alibi": True}, "ALiBi models"),
+        ({"scheduler_config__async_scheduling": True}, "async scheduling (vLLM's default on GPUs: add --no-async-scheduling)"),
     ],
 )
 def test_configurations_that_would_disagree_are_refused(changes, reason):

@@ -9,6 +9,7 @@ be combined with any allocator.
 
 from __future__ import annotations
 
+import types
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -110,9 +111,9 @@ class RecencyScorer(Scorer):
         return positions.expand(accumulated.shape[0], -1)
 
 
-SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls for cls in (RawScorer, MeanScorer, WindowScorer, SnapKVScorer, RecencyScorer)
-}
+SCORERS: types.MappingProxyType[str, type[Scorer]] = types.MappingProxyType(
+    {cls.name: cls for cls in (RawScorer, MeanScorer, WindowScorer, SnapKVScorer, RecencyScorer)}
+)
 
 
 def make_scorer(name: str, *, per_kv_head: bool = False, window: int = 32) -> Scorer:

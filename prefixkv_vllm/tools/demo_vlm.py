@@ -25,7 +25,7 @@ from .model_cache import cached_build
 IMAGE_SIZE, PATCH_SIZE, SCALE_FACTOR = 256, 16, 2
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 // SCALE_FACTOR**2  # per image: 256 patches, pixel-shuffled by 2x2
 TEXT_MODELS = ("demo", "tiny")
-_SPECIAL_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+_SPECIAL_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
 _RECIPE_VERSION = 1
 
 
@@ -56,7 +56,7 @@ def _build(dest: Path, text_model: Path, text: str) -> None:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(text_model)
-    tokenizer.add_special_tokens({"additional_special_tokens": _SPECIAL_TOKENS})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(_SPECIAL_TOKENS)})
     vocab_size = (len(tokenizer) + 63) // 64 * 64
     if text == "demo":
         text_config = LlamaConfig.from_pretrained(text_model)

@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import types
 from pathlib import Path
 
 from ..config import default_cache_dir
@@ -45,7 +46,7 @@ _REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
 
 # google/gemma-3-270m's config.json values that the GGUF does not carry; transformers'
 # Gemma3TextConfig defaults agree with them, and the build checks that they held.
-_PUBLISHED = {
+_PUBLISHED = types.MappingProxyType({
     "num_hidden_layers": 18,
     "hidden_size": 640,
     "num_attention_heads": 4,
@@ -54,7 +55,7 @@ _PUBLISHED = {
     "query_pre_attn_scalar": 256,
     "sliding_window": 512,
     "vocab_size": 262144,
-}
+})
 _FULL_ATTENTION_LAYERS = (5, 11, 17)
 _MAX_MODEL_LENGTH = 32768
 _END_OF_TURN = "<end_of_turn>"

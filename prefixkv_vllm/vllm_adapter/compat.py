@@ -126,6 +126,7 @@ INTERNALS = (
              "trace_headers=None, priority=0, data_parallel_rank=None, resumable=False, session_id=None, kv_hints=None)",
              "wrapped: refuses streaming-input sessions (resumable)"),  # fmt: skip
     Internal("vllm.config.attention:AttentionConfig", "AttentionConfig", None, "startup selects the backend", ("backend", "backend_per_kind")),
+    Internal("vllm.config.scheduler:SchedulerConfig", "SchedulerConfig", None, "startup refuses async scheduling", ("async_scheduling",)),
 )
 
 

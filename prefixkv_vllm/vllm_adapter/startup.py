@@ -97,6 +97,10 @@ def _check_supported(vllm_config) -> None:
         reasons.append(f"--kv-cache-dtype {cache_dtype} (fp8, fp8_e4m3 and fp8_e5m2 are supported)")
     if vllm_config.use_v2_model_runner:
         reasons.append("Model Runner V2 (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    if vllm_config.scheduler_config.async_scheduling:
+        # Never run with it: the layout contract assumes the scheduler frees blocks only after the
+        # step that last read them was scheduled and run (policy.paged, invariant 2).
+        reasons.append("async scheduling (vLLM's default on GPUs: add --no-async-scheduling)")
     # Each of these makes the scheduler's block accounting and the worker's compaction
     # disagree: they see other layers, other prompt lengths or other positions.
     # (Cascade attention needs no check: vLLM 0.32 removed it.)

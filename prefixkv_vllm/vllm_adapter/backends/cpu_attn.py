@@ -12,6 +12,7 @@ kernel named in ``PAGE_VIEWS``, in the cache's stored dtype (fp8 caches too);
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ def amx_views(pages: torch.Tensor, block_size: int, head_dim: int) -> tuple[torc
 
 
 # Kernel (vLLM's ``isa``) -> its page layout.
-PAGE_VIEWS = {"vec": vec_views, "vec16": vec_views, "amx": amx_views}
+PAGE_VIEWS = types.MappingProxyType({"vec": vec_views, "vec16": vec_views, "amx": amx_views})
 
 
 def paged_views(kv_cache: torch.Tensor, isa: str, cache_dtype: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
