@@ -16,8 +16,8 @@ def serving_dtype() -> str:
 
 
 def describe() -> str:
-    """One line for a results header: the dtype and why."""
-    return f"{serving_dtype()} ({'AMX' if torch.cpu._is_amx_tile_supported() else 'no AMX'} on this CPU)"
+    """For a results header: what this CPU has that decides the dtype."""
+    return "this CPU has AMX" if torch.cpu._is_amx_tile_supported() else "this CPU has no AMX"
 
 
 if __name__ == "__main__":

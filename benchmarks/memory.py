@@ -406,7 +406,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pressure-decode-tokens", type=int, default=384)
     parser.add_argument("--kv-space-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE for every server (the pool)")
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--dtype", default=serving_dtype(), help=f"every server's --dtype (default here: {describe()})")
+    parser.add_argument("--dtype", default=serving_dtype(), help=f"every server's --dtype (default: {serving_dtype()}, as {describe()})")
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--poll", type=float, default=0.25, help="seconds between /metrics samples")
     parser.add_argument("--skip-decode", action="store_true", help="skip part 1")

@@ -61,6 +61,7 @@ SCORERS = ("raw", "mean", "window", "snapkv")
 BOOTSTRAP_SAMPLES = 10_000
 DEFAULT_SCORER = PrefixKVConfig.scorer  # the server's default --kv-scorer
 POLICIES = ("uniform", "prefixkv", "streaming")
+REFERENCE = {"policy": "none"}  # the full cache in the model's dtype: what every answer is compared with
 
 
 # --- metrics -------------------------------------------------------------------
@@ -275,7 +276,7 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
 def score(results: list[dict], prompts: list[dict]) -> list[dict]:
     from benchmarks.prompts import answer_contains
 
-    reference = next(r for r in results if r["config"]["policy"] == "none")
+    reference = next(r for r in results if r["config"] == REFERENCE)
     rows = []
     for result in results:
         row = {"name": config_name(result["config"]), **result["config"], "wall_s": result.get("wall_s")}
@@ -406,10 +407,13 @@ def markdown(rows, prompts, args, header) -> str:
         if "error" in row:
             lines.append(f"| {policy} | {scorer} | {budget} | FAILED: {row['error']} |" + " |" * (8 + len(kinds)))
             continue
-        rouge = "1.000 (reference)" if row["policy"] == "none" else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
+        reference = row["policy"] == "none" and "cache" not in row
+        rouge = "1.000 (reference)" if reference else f"{row['rouge_mean']:.3f} ± {row['rouge_sem']:.3f}"
         label = f"{policy}, decode {row['decode']}" if "decode" in row else policy
         if "interval" in row:
             label += f" every {row['interval']}"
+        if "cache" in row:
+            label += f", {row['cache']} KV cache"
         lines.append(
             f"| {label} | {scorer} | {budget} | {rouge} | {row['needle_hits']}/{row['needle_n']} "
             f"({row['needle_hits'] / max(1, row['needle_n']):.0%}) | {row['kept_hits']}/{row['kept_n']} | {row['identical']}/{row['n']} | {row['n']} | "
@@ -487,7 +491,7 @@ def main(argv=None) -> int:
     parser.add_argument("--recent", type=int, default=PrefixKVConfig.recent, help=f"kv_recent: last prompt tokens always kept (default: the server's, {PrefixKVConfig.recent}; the paper: 1)")
     parser.add_argument("--kv-space-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE for every engine")
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--dtype", default=serving_dtype(), help=f"every engine's dtype (default here: {describe()})")
+    parser.add_argument("--dtype", default=serving_dtype(), help=f"every engine's dtype (default: {serving_dtype()}, as {describe()})")
     parser.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], help="run every configuration with each KV-cache dtype (e.g. auto fp8); the reference is the full cache with auto")
     parser.add_argument("--reserved-cpus", type=int, default=0, help="VLLM_CPU_NUM_OF_RESERVED_CPU unless set in the environment (vLLM default 1: on 2 cores the model runs on one thread)")
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
@@ -547,8 +551,8 @@ def main(argv=None) -> int:
         configs += [dict(c, prefix_caching=True) for c in configs if c["policy"] != "none"]
     # "auto" adds no key: the reference and saved results keep their names.
     configs = [c if cache == "auto" else {**c, "cache": cache} for cache in args.kv_cache_dtypes for c in configs]
-    if {"policy": "none"} not in configs:
-        configs.insert(0, {"policy": "none"})  # the reference
+    if REFERENCE not in configs:
+        configs.insert(0, REFERENCE)
     for config in configs:
         key = json.dumps(config, sort_keys=True)
         if key in previous:

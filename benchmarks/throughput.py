@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tiers", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-tiers count")
     parser.add_argument("--intervals", nargs="+", type=int, default=[], help="also run prefixkv with each --kv-decode-interval")
     parser.add_argument("--admissions", nargs="+", default=[], choices=ADMISSION_MODES, help="also run prefixkv with each --kv-admission")
-    parser.add_argument("--dtype", default=serving_dtype(), help=f"every server's --dtype (default here: {describe()})")
+    parser.add_argument("--dtype", default=serving_dtype(), help=f"every server's --dtype (default: {serving_dtype()}, as {describe()})")
     parser.add_argument("--kv-cache-dtypes", nargs="+", default=["auto"], help="run every configuration with each --kv-cache-dtype (e.g. auto fp8)")
     parser.add_argument("--num-prompts", type=int, help="override every shape's request count")
     parser.add_argument("--kv-cache-bytes", type=int, help="the KV pool of every server (default: the shape's own, in SHAPES)")
