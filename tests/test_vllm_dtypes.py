@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import pytest
-import requests
 
 pytest.importorskip("vllm")
 
@@ -23,7 +22,7 @@ from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 from .cpu_features import HAS_AMX, needs_avx512  # noqa: E402
 from .settings import DEFAULT_PROFILE  # noqa: E402
-from .vllm_server import CHAT_PROMPTS, serve  # noqa: E402
+from .vllm_server import CHAT_PROMPTS, max_usage_while_decoding, serve  # noqa: E402
 
 BLOCK = 32  # tests/vllm_server.py's --block-size
 # Pools of about the same tokens: stock puts all 30 layers in one block, PrefixKV one layer.
@@ -72,21 +71,6 @@ def held_pages(prompt_len: int, computed: int, ratios) -> int:
     layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, defaults.decode, defaults.decode_interval, prefix_caching=True)
     allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot
     return sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)
-
-
-def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12) -> float:
-    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    samples = []
-    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600) as response:
-        response.raise_for_status()
-        chunks = 0
-        for line in response.iter_lines():
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                chunks += 1
-                if 2 <= chunks < max_tokens:
-                    samples.append(server.metric("vllm:kv_cache_usage_perc"))
-    assert samples, "no sample was taken while the request decoded"
-    return max(samples)
 
 
 def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers):

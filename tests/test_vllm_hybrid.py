@@ -33,7 +33,7 @@ from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E4
 from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import layer_specs  # noqa: E402
 
-from .vllm_server import serve  # noqa: E402
+from .vllm_server import max_usage_while_decoding, serve  # noqa: E402
 
 GEMMA3_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
 
@@ -312,22 +312,6 @@ def held_pages(prompt_len: int, computed: int, ratios) -> tuple[int, int]:
     # vLLM's own rule for the sliding-window layers, the same in both servers.
     skipped = SlidingWindowManager.get_num_skipped_tokens(SimpleNamespace(sliding_window=TINY_WINDOW, extra_retained_tokens=0), computed)
     return full, TINY_TYPES.count("sliding_attention") * (allocated - skipped // BLOCK)
-
-
-def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12) -> float:
-    """The highest KV usage seen while one request decodes, from its second token on."""
-    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    samples = []
-    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600) as response:
-        response.raise_for_status()
-        chunks = 0
-        for line in response.iter_lines():
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                chunks += 1
-                if 2 <= chunks < max_tokens:
-                    samples.append(server.metric("vllm:kv_cache_usage_perc"))
-    assert samples, "no sample was taken while the request decoded"
-    return max(samples)
 
 
 # Prompt lengths whose 12 decode steps stay inside one block and one window step

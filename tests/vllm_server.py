@@ -101,3 +101,19 @@ def concurrent_streams(server: Server, prompts: list[str], max_tokens: int, on_p
         if isinstance(result, BaseException):
             raise result
     return results  # type: ignore[return-value]
+
+
+def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12) -> float:
+    """The highest KV usage seen while one request decodes, from its second token on."""
+    body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    samples = []
+    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600) as response:
+        response.raise_for_status()
+        chunks = 0
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks += 1
+                if 2 <= chunks < max_tokens:
+                    samples.append(server.metric("vllm:kv_cache_usage_perc"))
+    assert samples, "no sample was taken while the request decoded"
+    return max(samples)
