@@ -29,7 +29,7 @@ Every server runs in ``--dtype`` (default: what this CPU serves fastest, ``machi
 ``--kv-cache-dtypes auto fp8`` runs every configuration with each KV-cache dtype, in the
 same pool bytes (fp8 holds twice the tokens).
 
-Writes ``throughput.md``, ``throughput.png`` and ``throughput.json`` under ``--out-dir``.
+Writes ``STEM.md``, ``STEM.png`` and ``STEM.json`` under ``--out-dir`` (``--stem``, default ``throughput``).
 ``--quick`` runs a small shape for the test suite.
 """
 
@@ -265,6 +265,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small shape for the test suite")
     parser.add_argument("--poll", type=float, default=0.5)
     parser.add_argument("--out-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--stem", help="output file names: STEM.md, STEM.json, STEM.png (default: throughput, or throughput-quick with --quick)")
     parser.add_argument("--log-dir", type=Path, default=Path(tempfile.gettempdir()) / "prefixkv-bench-logs")
     args = parser.parse_args(argv)
     from prefixkv_vllm.tools.demo_model import demo_model_path
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
         f"of a shape, `vllm bench serve` {datasets}, --ignore-eos, all requests at once ({time.strftime('%Y-%m-%d')})\n\n"
         f"Command: `python benchmarks/throughput.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
-    stem = "throughput-quick" if args.quick else "throughput"
+    stem = args.stem or ("throughput-quick" if args.quick else "throughput")
     (args.out_dir / f"{stem}.md").write_text(markdown(rows, header) + "\n")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, args.out_dir / f"{stem}.png")
