@@ -64,27 +64,51 @@ def vllm_server(
     timeout: float = 900,
 ) -> Iterator[ServerProcess]:
     """``vllm serve MODEL --port P ARGS`` with ``env`` added; stopped (whole process group) on exit."""
-    port = free_port()
-    command = [VLLM, "serve", model, "--port", str(port), *args]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
-        )
-    server = server_class(f"http://127.0.0.1:{port}", process, log_path)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode}:\n{server.log()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{server.base_url}/health", timeout=5).status == 200:
-                    break
-            if time.time() > deadline:
-                raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{server.log()[-3000:]}")
-            time.sleep(1)
+    with vllm_servers([(model, args, log_path, env)], server_class=server_class, timeout=timeout) as (server,):
         yield server
+
+
+@contextlib.contextmanager
+def vllm_servers(
+    specs: list[tuple[str, list[str], Path, dict[str, str] | None]],
+    *,
+    server_class: type[ServerProcess] = ServerProcess,
+    timeout: float = 900,
+) -> Iterator[list[ServerProcess]]:
+    """``vllm_server`` for every ``(model, args, log_path, env)``, all started at once.
+
+    A start-up is mostly imports and process spawns on one core, so on two cores two servers
+    start in little more than the time of one.
+    """
+    servers = []
+    try:
+        for model, args, log_path, env in specs:
+            port = free_port()
+            with open(log_path, "w") as log:
+                process = subprocess.Popen(
+                    [VLLM, "serve", model, "--port", str(port), *args],
+                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True,
+                )  # fmt: skip
+            servers.append(server_class(f"http://127.0.0.1:{port}", process, log_path))
+        deadline = time.time() + timeout
+        for server in servers:
+            _wait_until_healthy(server, deadline, timeout)
+        yield servers
     finally:
-        stop_process_group(process, timeout=60)
+        for server in servers:
+            stop_process_group(server.process, timeout=60)
+
+
+def _wait_until_healthy(server: ServerProcess, deadline: float, timeout: float) -> None:
+    while True:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {server.process.returncode}:\n{server.log()[-3000:]}")
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"{server.base_url}/health", timeout=5).status == 200:
+                return
+        if time.time() > deadline:
+            raise TimeoutError(f"vllm serve not healthy after {timeout} s:\n{server.log()[-3000:]}")
+        time.sleep(1)
 
 
 def stop_process_group(process: subprocess.Popen, timeout: float) -> None:

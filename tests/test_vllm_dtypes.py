@@ -22,7 +22,7 @@ from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 from .cpu_features import HAS_AMX, needs_avx512  # noqa: E402
 from .settings import DEFAULT_PROFILE  # noqa: E402
-from .vllm_server import CHAT_PROMPTS, max_usage_while_decoding, serve  # noqa: E402
+from .vllm_server import CHAT_PROMPTS, max_usage_while_decoding, serve_together  # noqa: E402
 
 BLOCK = 32  # tests/vllm_server.py's --block-size
 # Pools of about the same tokens: stock puts all 30 layers in one block, PrefixKV one layer.
@@ -37,11 +37,12 @@ SETTINGS = {
 def servers(request, tmp_path_factory):
     model, log_dir, settings = str(demo_model_path()), tmp_path_factory.mktemp("vllm-logs"), SETTINGS[request.param]
     blocks = ("--max-model-len", "4096", "--num-gpu-blocks-override")  # a 6,400-token pool holds 4096
-    with (
-        serve(model, *settings, *blocks, str(STOCK_BLOCKS), env={"VLLM_PLUGINS": ""}, log_dir=log_dir) as stock,
-        serve(model, *settings, *blocks, str(COMPRESSED_BLOCKS), "--kv-policy", "prefixkv", "--kv-profile", str(DEFAULT_PROFILE), log_dir=log_dir) as compressed,
-    ):
-        yield request.param, stock, compressed
+    configs = {
+        "stock": ((*settings, *blocks, str(STOCK_BLOCKS)), {"VLLM_PLUGINS": ""}),
+        "compressed": ((*settings, *blocks, str(COMPRESSED_BLOCKS), "--kv-policy", "prefixkv", "--kv-profile", str(DEFAULT_PROFILE)), None),
+    }
+    with serve_together(model, configs, log_dir=log_dir) as started:
+        yield request.param, started["stock"], started["compressed"]
 
 
 def greedy_tokens(server, prompt: str, **extra) -> list[str]:

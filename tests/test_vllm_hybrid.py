@@ -33,7 +33,7 @@ from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E4
 from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import layer_specs  # noqa: E402
 
-from .vllm_server import max_usage_while_decoding, serve  # noqa: E402
+from .vllm_server import max_usage_while_decoding, serve_together  # noqa: E402
 
 GEMMA3_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
 
@@ -250,17 +250,25 @@ def profile_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stock(tiny_gemma3, log_dir):
-    with serve(str(tiny_gemma3), *SHARED_ARGS, "--num-gpu-blocks-override", str(STOCK_BLOCKS), env={"VLLM_PLUGINS": ""}, log_dir=log_dir) as server:
-        yield server
+def servers(tiny_gemma3, log_dir, profile_path):
+    # The compressed server keeps vLLM's own admission, so that a burst preempts.
+    args = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--kv-profile", str(profile_path), "--kv-admission", "stock")
+    configs = {
+        "stock": ((*SHARED_ARGS, "--num-gpu-blocks-override", str(STOCK_BLOCKS)), {"VLLM_PLUGINS": ""}),
+        "compressed": ((*SHARED_ARGS, *args, "--num-gpu-blocks-override", str(COMPRESSED_BLOCKS)), None),
+    }
+    with serve_together(str(tiny_gemma3), configs, log_dir=log_dir) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
-def compressed(tiny_gemma3, log_dir, profile_path):
-    # vLLM's own admission, so that a burst preempts.
-    args = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--kv-profile", str(profile_path), "--kv-admission", "stock")
-    with serve(str(tiny_gemma3), *SHARED_ARGS, *args, "--num-gpu-blocks-override", str(COMPRESSED_BLOCKS), log_dir=log_dir) as server:
-        yield server
+def stock(servers):
+    return servers["stock"]
+
+
+@pytest.fixture(scope="module")
+def compressed(servers):
+    return servers["compressed"]
 
 
 def completion(server, prompt: list[int], max_tokens: int, **extra) -> tuple[list[str], list[float]]:

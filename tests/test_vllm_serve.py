@@ -1,6 +1,6 @@
 """End to end: `vllm serve` with the plugin, on the real demo model, on CPU.
 
-Each server is started once per module (start-up takes about 40 s here).
+The three servers most tests share start once per module, together.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.soak_load import SoakSpec, run_soak  # noqa: E402
 
 from .settings import DEFAULT_PROFILE as DEFAULT_PROFILE_PATH  # noqa: E402
-from .vllm_server import CHAT_PROMPTS, LONG_PROMPTS, concurrent_streams, document, run_startup_failure, serve  # noqa: E402
+from .vllm_server import CHAT_PROMPTS, LONG_PROMPTS, concurrent_streams, document, run_startup_failure, serve, serve_together  # noqa: E402
 
 DEFAULT_PROFILE = ("--kv-profile", str(DEFAULT_PROFILE_PATH))
 
@@ -39,11 +39,21 @@ def log_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stock(model, log_dir):
-    # An allow-list without our plugin: vLLM exactly as shipped.
-    with serve(model, env={"VLLM_PLUGINS": ""}, log_dir=log_dir) as server:
-        assert "PrefixKV" not in server.log()
-        yield server
+def servers(model, log_dir):
+    """The module's three servers, started together (start-up takes about 40 s each here)."""
+    configs = {
+        "stock": ((), {"VLLM_PLUGINS": ""}),  # an allow-list without our plugin: vLLM exactly as shipped
+        "budget_one": (("--kv-policy", "prefixkv", "--kv-budget", "1.0"), None),
+        "compressed": (("--kv-policy", "prefixkv", "--kv-budget", "0.2", *DEFAULT_PROFILE), None),
+    }
+    with serve_together(model, configs, log_dir=log_dir) as started:
+        assert "PrefixKV" not in started["stock"].log()
+        yield started
+
+
+@pytest.fixture(scope="module")
+def stock(servers):
+    return servers["stock"]
 
 
 def greedy_tokens(server, prompt: str, **extra) -> list[str]:
@@ -57,15 +67,13 @@ def stock_tokens(stock):
 
 
 @pytest.fixture(scope="module")
-def budget_one(model, log_dir):
-    with serve(model, "--kv-policy", "prefixkv", "--kv-budget", "1.0", log_dir=log_dir) as server:
-        yield server
+def budget_one(servers):
+    return servers["budget_one"]
 
 
 @pytest.fixture(scope="module")
-def compressed(model, log_dir):
-    with serve(model, "--kv-policy", "prefixkv", "--kv-budget", "0.2", *DEFAULT_PROFILE, log_dir=log_dir) as server:
-        yield server
+def compressed(servers):
+    return servers["compressed"]
 
 
 def test_budget_one_reproduces_stock_greedy_tokens(stock_tokens, budget_one):

@@ -18,11 +18,7 @@ from PIL import Image  # noqa: E402
 
 from prefixkv_vllm.tools.demo_vlm import IMAGE_TOKENS, demo_vlm_path  # noqa: E402
 
-from .vllm_server import (  # noqa: E402
-    concurrent_streams,
-    document,  # noqa: E402
-    serve,
-)
+from .vllm_server import concurrent_streams, document, serve_together  # noqa: E402
 
 VLM_ARGS = ("--max-model-len", "4096", "--limit-mm-per-prompt", '{"image": 2}')
 RED, BLUE = (220, 30, 30), (30, 40, 220)
@@ -57,22 +53,30 @@ def log_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stock(model, log_dir):
-    with serve(model, *VLM_ARGS, env={"VLLM_PLUGINS": ""}, log_dir=log_dir) as server:
-        yield server
+def servers(model, log_dir):
+    configs = {
+        "stock": (VLM_ARGS, {"VLLM_PLUGINS": ""}),
+        "budget_one": ((*VLM_ARGS, "--kv-policy", "prefixkv", "--kv-budget", "1.0"), None),
+        # prefixkv without a profile: start-up calibrates the vision-language model (text prompts).
+        "compressed": ((*VLM_ARGS, "--kv-policy", "prefixkv", "--kv-budget", "0.2"), None),
+    }
+    with serve_together(model, configs, log_dir=log_dir) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
-def budget_one(model, log_dir):
-    with serve(model, *VLM_ARGS, "--kv-policy", "prefixkv", "--kv-budget", "1.0", log_dir=log_dir) as server:
-        yield server
+def stock(servers):
+    return servers["stock"]
 
 
 @pytest.fixture(scope="module")
-def compressed(model, log_dir):
-    # prefixkv without a profile: start-up calibrates the vision-language model (text prompts).
-    with serve(model, *VLM_ARGS, "--kv-policy", "prefixkv", "--kv-budget", "0.2", log_dir=log_dir) as server:
-        yield server
+def budget_one(servers):
+    return servers["budget_one"]
+
+
+@pytest.fixture(scope="module")
+def compressed(servers):
+    return servers["compressed"]
 
 
 def greedy_tokens(server, content) -> list[str]:

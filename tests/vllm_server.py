@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from benchmarks.serving import VLLM, ServerProcess, free_port, vllm_server
+from benchmarks.serving import VLLM, ServerProcess, free_port, vllm_server, vllm_servers
 
 COLORS = ("red", "blue", "green", "yellow")
 
@@ -60,16 +61,22 @@ class Server(ServerProcess):
         return "".join(pieces)
 
 
-def serve(model: str, *args: str, env: dict | None = None, log_dir: Path, timeout: float = 900):
+def _spec(model: str, args: tuple[str, ...], env: dict | None, log_dir: Path) -> tuple:
     log_path = log_dir / f"vllm-{time.time_ns()}.log"
-    return vllm_server(
-        model,
-        [*SERVE_DEFAULTS, *args],
-        log_path=log_path,
-        env={"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})},
-        server_class=Server,
-        timeout=timeout,
-    )
+    return model, [*SERVE_DEFAULTS, *args], log_path, {"VLLM_CPU_KVCACHE_SPACE": "2", **(env or {})}
+
+
+def serve(model: str, *args: str, env: dict | None = None, log_dir: Path, timeout: float = 900):
+    model, server_args, log_path, server_env = _spec(model, args, env, log_dir)
+    return vllm_server(model, server_args, log_path=log_path, env=server_env, server_class=Server, timeout=timeout)
+
+
+@contextlib.contextmanager
+def serve_together(model: str, servers: dict[str, tuple[tuple[str, ...], dict | None]], *, log_dir: Path, timeout: float = 900):
+    """``serve`` for each named ``(args, env)``, all started at once (``vllm_servers``); yields ``{name: server}``."""
+    specs = [_spec(model, args, env, log_dir) for args, env in servers.values()]
+    with vllm_servers(specs, server_class=Server, timeout=timeout) as started:
+        yield dict(zip(servers, started))
 
 
 def run_startup_failure(model: str, *args: str, log_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
