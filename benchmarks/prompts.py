@@ -37,6 +37,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Collection
 
 KINDS = ("passkey", "summary", "record", "qa", "long")
 NEEDLE_KINDS = ("passkey", "record")
@@ -110,8 +111,9 @@ def _paragraphs(module_name: str) -> list[str]:
 
 
 class _Builder:
-    def __init__(self, tokenizer, seed: int):
+    def __init__(self, tokenizer, seed: int, exclude: Collection[str] = ()):
         self.tokenizer = tokenizer
+        self.modules = [m for m in _MODULES if m not in exclude]
         self.rng = random.Random(seed)
         self._cache: dict[str, list[tuple[str, int]]] = {}
 
@@ -131,7 +133,7 @@ class _Builder:
 
     def docstring_document(self, target_tokens: int) -> tuple[list[str], list[str]]:
         """Paragraphs from randomly chosen modules, in module order, up to ``target_tokens``."""
-        modules = list(_MODULES)
+        modules = list(self.modules)
         self.rng.shuffle(modules)
         chosen, used, total = [], [], 0
         for module_name in modules:
@@ -165,9 +167,11 @@ def _records(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
     return [(names[i], rng.choice(_CITIES), str(rng.randint(10000, 99999))) for i in range(count)]
 
 
-def build_prompts(tokenizer, num_prompts: int, min_tokens: int = 1000, max_tokens: int = 3000, seed: int = 0) -> list[Prompt]:
-    """``num_prompts`` prompts, kinds cycled as ``KINDS``, lengths spread over the range."""
-    builder = _Builder(tokenizer, seed)
+def build_prompts(
+    tokenizer, num_prompts: int, min_tokens: int = 1000, max_tokens: int = 3000, seed: int = 0, exclude: Collection[str] = ()
+) -> list[Prompt]:
+    """``num_prompts`` prompts, kinds cycled as ``KINDS``, lengths spread over the range; no document from an ``exclude`` module."""
+    builder = _Builder(tokenizer, seed, exclude)
     rng = builder.rng
     if num_prompts == 1:
         targets = [max_tokens]

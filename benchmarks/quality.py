@@ -101,6 +101,11 @@ def mean_sem(values: list[float]) -> tuple[float, float]:
 
 
 def config_name(config: dict) -> str:
+    if config["policy"] == "kvpress":  # benchmarks/kvpress_compare.py
+        if config["press"] == "none":
+            return "full cache (transformers)"
+        scope = " (context only)" if config.get("scope") == "context" else ""
+        return f"kvpress {config['press']}@{config['budget']:g}{scope}"
     cache = f", {config['cache']} KV" if "cache" in config else ""
     if config["policy"] == "none":
         return f"full cache{cache}"
@@ -231,13 +236,10 @@ def run_config(args) -> None:
 
 
 def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
-    result_file = Path(tempfile.mkstemp(suffix=".json", prefix="quality-")[1])
-    log_path = log_dir / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", config_name(config)) + ".log")
     command = [
         sys.executable, str(Path(__file__).resolve()),
         "--run-config", json.dumps(config),
         "--prompts-file", str(prompts_file),
-        "--result-file", str(result_file),
         "--max-new-tokens", str(args.max_new_tokens),
         "--max-model-len", str(args.max_model_len),
         "--model", args.model,
@@ -245,8 +247,16 @@ def launch(config: dict, prompts_file: Path, args, log_dir: Path) -> dict:
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
     env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(args.reserved_cpus))
+    return run_child(config, command, env, log_dir)
+
+
+def run_child(config: dict, command: list[str], env: dict, log_dir: Path) -> dict:
+    """Runs ``command --result-file F`` (one configuration) with its output in a log; its answers, or the error."""
     from benchmarks.prompts import CpuMeter
 
+    result_file = Path(tempfile.mkstemp(suffix=".json", prefix="quality-")[1])
+    command = [*command, "--result-file", str(result_file)]
+    log_path = log_dir / (re.sub(r"[^A-Za-z0-9_.@-]+", "_", config_name(config)) + ".log")
     started = time.time()
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

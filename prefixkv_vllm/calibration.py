@@ -70,7 +70,8 @@ TASKS = ("documents", "needles", "chat")  # all of them by default (the measured
 LOSS_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.55, 0.7, 0.85)
 LOSS_POSITIONS = 32  # decoded tokens whose next-token distributions are compared
 NUM_PROMPTS, MAX_TOKENS = 8, 1024  # calibration prompts, and the most tokens of each
-_DOCUMENT_MODULES = ("argparse", "json", "logging", "pathlib", "subprocess", "threading", "collections", "itertools")
+# The standard-library modules whose docstrings make the calibration documents (benchmarks leave them out to test on unseen text).
+DOCUMENT_MODULES = ("argparse", "json", "logging", "pathlib", "subprocess", "threading", "collections", "itertools")
 _INSTRUCTIONS = (
     "Summarize the document above in three sentences.",
     "List the main functions the document above describes.",
@@ -101,7 +102,7 @@ def _encode(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def _document_prompt(index: int, budget_chars: int) -> list[dict]:
-    document = "\n\n".join(doc for _, doc in _docstrings(_DOCUMENT_MODULES[index % len(_DOCUMENT_MODULES)]))
+    document = "\n\n".join(doc for _, doc in _docstrings(DOCUMENT_MODULES[index % len(DOCUMENT_MODULES)]))
     instruction = _INSTRUCTIONS[index % len(_INSTRUCTIONS)]
     return [{"role": "user", "content": f"{document[:budget_chars]}\n\n{instruction}"}]
 
@@ -109,7 +110,7 @@ def _document_prompt(index: int, budget_chars: int) -> list[dict]:
 def _needle_prompt(index: int, budget_chars: int) -> list[dict]:
     rng = random.Random(index)
     # Another module than the documents task's prompt of the same index, so the two tasks differ.
-    module = _DOCUMENT_MODULES[(index + 3) % len(_DOCUMENT_MODULES)]
+    module = DOCUMENT_MODULES[(index + 3) % len(DOCUMENT_MODULES)]
     document = "\n\n".join(doc for _, doc in _docstrings(module))[:budget_chars]
     locker, code = _LOCKERS[index % len(_LOCKERS)], rng.randint(10000, 99999)
     at = max(0, document.rfind("\n\n", 0, round(rng.uniform(0.1, 0.9) * len(document))))
@@ -121,7 +122,7 @@ def _needle_prompt(index: int, budget_chars: int) -> list[dict]:
 def _chat_prompt(index: int, budget_chars: int) -> list[dict]:
     rng = random.Random(index)
     messages, used = [], 0
-    entries = [(name, doc) for name, doc in _docstrings(_DOCUMENT_MODULES[(index + 5) % len(_DOCUMENT_MODULES)]) if not name.startswith("_")]
+    entries = [(name, doc) for name, doc in _docstrings(DOCUMENT_MODULES[(index + 5) % len(DOCUMENT_MODULES)]) if not name.startswith("_")]
     for name, doc in entries:
         answer = doc.split("\n\n")[0]
         used += len(answer) + len(name) + 40

@@ -158,3 +158,37 @@ def test_prompt_set_spreads_needles_and_has_long_outputs(tokenizer):
         assert min(own) < 0.2 and max(own) > 0.8
     long = tokenizer.decode(next(p for p in prompts if p.kind == "long").prompt_token_ids)
     assert any(instruction in long for instruction in _LONG_INSTRUCTIONS)
+
+
+def test_prompts_can_leave_out_the_calibration_documents(tokenizer):
+    from benchmarks.prompts import build_prompts
+    from prefixkv_vllm.calibration import DOCUMENT_MODULES
+
+    sources = {m for p in build_prompts(tokenizer, 24, 300, 600) for m in p.source.split("+")}
+    assert sources & set(DOCUMENT_MODULES)  # without exclude, the calibration's modules are drawn
+    held_out = build_prompts(tokenizer, 24, 300, 600, exclude=DOCUMENT_MODULES)
+    assert not {m for p in held_out for m in p.source.split("+")} & set(DOCUMENT_MODULES)
+
+
+def test_kvpress_runs_split_the_question_where_the_prompt_builder_put_it(tokenizer):
+    from benchmarks.kvpress_baselines import question_start
+    from benchmarks.prompts import build_prompts
+
+    for prompt in build_prompts(tokenizer, 8, 300, 600):
+        ids = prompt.prompt_token_ids
+        question = tokenizer.decode(ids[question_start(tokenizer, ids) :])
+        assert "\n\n" not in question and ("?" in question or "ummar" in question or "Write" in question), question
+        assert len(tokenizer(question)["input_ids"]) < 90  # the question and template, not the document
+
+
+def test_kvpress_comparison_pairs_every_press_with_our_default_at_its_budget():
+    from benchmarks.kvpress_compare import our_default, press_configs
+    from benchmarks.quality import config_name
+    from prefixkv_vllm.config import PrefixKVConfig
+
+    # the very configuration quality.py runs for the server's defaults, so saved answers are shared
+    assert our_default(0.2) == {"policy": "prefixkv", "budget": 0.2, "recent": PrefixKVConfig.recent, "scorer": PrefixKVConfig.scorer}
+    configs = press_configs([0.2, 0.5], ["snapkv", "tova"], ["snapkv"])
+    names = [config_name(c) for c in configs]
+    assert names[0] == "full cache (transformers)" and len(names) == len(set(names)) == 7
+    assert "kvpress snapkv@0.5 (context only)" in names and "kvpress tova@0.2" in names
