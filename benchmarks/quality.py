@@ -368,21 +368,27 @@ def comparisons(rows: list[dict]) -> list[dict]:
         best = best_uniform(row, rows) if row["policy"] == "prefixkv" else None
         if best is not None and best is not baseline:
             pairs.append((row, best))
-    compared = []
-    for row, baseline in pairs:
-        rouge = [a - b for a, b in zip(row["rouge_per_prompt"], baseline["rouge_per_prompt"])]
-        needle = [a - b for a, b in zip(row["needle_per_prompt"], baseline["needle_per_prompt"])]
-        compared.append(
-            {
-                "name": row["name"],
-                "baseline": baseline["name"],
-                "n": len(rouge),
-                "needle_n": len(needle),
-                "rouge": paired_interval(rouge),
-                "needle": paired_interval(needle) if needle else None,
-            }
-        )
-    return compared
+    return [
+        {"name": row["name"], "baseline": baseline["name"], "n": len(row["rouge_per_prompt"]),
+         "needle_n": len(row["needle_per_prompt"]), **paired(row, baseline)}
+        for row, baseline in pairs
+    ]
+
+
+def paired(row: dict, baseline: dict) -> dict:
+    """Per-prompt differences of ``row`` from ``baseline``: ``paired_interval`` of ROUGE-L and of needle hits."""
+    rouge = [a - b for a, b in zip(row["rouge_per_prompt"], baseline["rouge_per_prompt"])]
+    needle = [a - b for a, b in zip(row["needle_per_prompt"], baseline["needle_per_prompt"])]
+    return {"rouge": paired_interval(rouge), "needle": paired_interval(needle) if needle else None}
+
+
+def saved_results(json_path: Path, prompts: list[dict], max_new_tokens: int) -> dict[str, dict]:
+    """The successful results of an earlier run in ``json_path`` with the same prompts and answer length, by configuration."""
+    if not json_path.exists():
+        return {}
+    saved = json.loads(json_path.read_text())
+    same = saved.get("prompt_lengths") == [len(p["prompt_token_ids"]) for p in prompts] and saved.get("max_new_tokens") == max_new_tokens
+    return {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r} if same else {}
 
 
 def _interval(value: tuple[float, float, float] | None) -> str:
@@ -543,12 +549,7 @@ def main(argv=None) -> int:
     prompts_file = args.log_dir / "quality-prompts.json"
     prompts_file.write_text(json.dumps(prompts))
     json_path = args.out_dir / f"{args.stem}.json"
-    previous = {}
-    if args.resume and json_path.exists():
-        saved = json.loads(json_path.read_text())
-        same = saved.get("prompt_lengths") == [len(p["prompt_token_ids"]) for p in prompts] and saved.get("max_new_tokens") == args.max_new_tokens
-        if same:
-            previous = {json.dumps(r["config"], sort_keys=True): r for r in saved["results"] if "error" not in r}
+    previous = saved_results(json_path, prompts, args.max_new_tokens) if args.resume else {}
     results = []
     from prefixkv_vllm.policy import Profile
 
