@@ -31,6 +31,7 @@ SERVER_TESTS = (
     "tests/test_vllm_hybrid.py::test_preemption_and_aborts_leave_no_blocks_behind",
     "tests/test_vllm_vision.py",
     "tests/test_vllm_dtypes.py",
+    "tests/test_vllm_parallel.py",
     "tests/test_throughput_benchmark.py::test_quick_throughput_benchmark",
 )
 

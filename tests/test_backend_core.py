@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,53 @@ def test_compaction_keeps_the_top_scored_tokens():
     assert torch.equal(cache[0].reshape(-1, HKV, DIM)[40:56], kept)
     assert torch.equal(state.store.positions("r", "layer")[0], order)
     assert torch.equal(cache[0, 7], original[0, 7])  # the tail block is untouched
+
+
+class TwoRanks:
+    """Two tensor-parallel ranks' ``mean_over_ranks``: an all-reduce, as threads meeting at a barrier."""
+
+    def __init__(self) -> None:
+        self.barrier, self.rows, self.calls = threading.Barrier(2, timeout=30), [None, None], 0
+
+    def mean_over_ranks(self, rank: int):
+        def reduce(scores):
+            self.rows[rank] = scores
+            self.barrier.wait()
+            mean = (self.rows[0] + self.rows[1]) / 2
+            self.calls += rank == 0
+            self.barrier.wait()
+            return mean
+
+        return reduce
+
+
+@pytest.mark.parametrize("scorer", ["mean", "window"])
+@pytest.mark.parametrize("per_kv_head", [False, True])
+def test_tensor_parallel_ranks_compact_their_heads_as_one_rank_would(scorer, per_kv_head):
+    gen = torch.Generator().manual_seed(5)
+    prompt = 61
+    cache = torch.randn(2, 10, BLOCK, HKV, DIM, generator=gen)
+    query = torch.randn(prompt, HQ, DIM, generator=gen)
+    policy = build_policy("uniform", 0.3, scorer=scorer, per_kv_head=per_kv_head, sink=2, recent=3)
+    batch = BatchInfo(["r"], np.array([prompt]))
+
+    def compact(cache, query, mean_over_ranks=None):
+        step = plan_of(spec(0.3, sink=2, recent=3), policy, batch, *step_inputs([0], [prompt], max_blocks=10),
+                       state=WorkerState(mean_over_ranks=mean_over_ranks))  # fmt: skip
+        after_attention(step.work, "layer", query, cache[0], cache[1], Scales(DIM**-0.5))
+
+    whole = cache.clone()
+    compact(whole, query)
+    ranks, heads = TwoRanks(), HQ // HKV  # rank r holds KV head r and its query heads
+    shards = [cache[:, :, :, r : r + 1].clone() for r in range(2)]
+    threads = [
+        threading.Thread(target=compact, args=(shards[r], query[:, r * heads : (r + 1) * heads], ranks.mean_over_ranks(r)))
+        for r in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.equal(torch.cat(shards, dim=3), whole)
+    assert ranks.calls == (0 if per_kv_head else 1)  # one shared selection of the prompt
+    assert not torch.equal(whole, cache)

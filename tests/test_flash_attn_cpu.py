@@ -223,6 +223,7 @@ class ModelFreeRunner:
 
     def __init__(self, vllm_config) -> None:
         self.vllm_config, self.cache_config, self.device = vllm_config, vllm_config.cache_config, CPU
+        self.model_config, self.parallel_config = vllm_config.model_config, vllm_config.parallel_config
         self.requests: dict[str, Row] = {}
         self.input_batch = None
         with set_current_vllm_config(vllm_config):

@@ -190,10 +190,7 @@ def engine_config(**changes):
         model="m", is_encoder_decoder=False, use_mla=False, get_sliding_window=lambda: None,
         hf_text_config=SimpleNamespace(), uses_alibi=False,
     )
-    parallel = SimpleNamespace(
-        pipeline_parallel_size=1, tensor_parallel_size=1, decode_context_parallel_size=1,
-        prefill_context_parallel_size=1, use_ubatching=False,
-    )
+    parallel = SimpleNamespace(decode_context_parallel_size=1, prefill_context_parallel_size=1, use_ubatching=False)
     config = SimpleNamespace(
         model_config=model, parallel_config=parallel, speculative_config=None, kv_transfer_config=None,
         cache_config=SimpleNamespace(cache_dtype="auto"), use_v2_model_runner=False,
@@ -209,7 +206,6 @@ def engine_config(**changes):
     "changes, reason",
     [
         ({"config__kv_transfer_config": object()}, "KV connectors (--kv-transfer-config)"),
-        ({"parallel_config__pipeline_parallel_size": 2}, "pipeline parallelism"),
         ({"parallel_config__decode_context_parallel_size": 2}, "context parallelism"),
         ({"parallel_config__prefill_context_parallel_size": 2}, "context parallelism"),
         ({"parallel_config__use_ubatching": True}, "dual-batch overlap / micro-batching"),
@@ -222,10 +218,6 @@ def test_configurations_that_would_disagree_are_refused(changes, reason):
     with pytest.raises(PrefixKVConfigError, match=r"^PrefixKV does not support .*\(m\)$") as error:
         startup._check_supported(engine_config(**changes))
     assert reason in str(error.value) and "\n" not in str(error.value)
-
-
-def test_tensor_parallelism_is_accepted():
-    startup._check_supported(engine_config(parallel_config__tensor_parallel_size=2))
 
 
 def test_streaming_input_sessions_are_refused_per_request():
@@ -296,6 +288,7 @@ def stand_in_runner(req_ids):
     requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=None)) for r in "abcd"}
     return SimpleNamespace(
         input_batch=batch, requests=requests, attn_groups=[], kv_cache_config=SimpleNamespace(kv_cache_groups=[]), device="cpu",
+        parallel_config=SimpleNamespace(tensor_parallel_size=1),
         get_kv_cache_spec=dict, initialize_kv_cache=lambda *a: None,
         _update_states=lambda output: None, _build_attention_metadata=lambda *a: "metadata",
     )

@@ -17,12 +17,11 @@ pytest.importorskip("vllm")
 
 from prefixkv_vllm.config import PrefixKVConfig  # noqa: E402
 from prefixkv_vllm.policy import Profile  # noqa: E402
-from prefixkv_vllm.policy.paged import PagedLayout, live_blocks  # noqa: E402
 from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 from .cpu_features import HAS_AMX, needs_avx512  # noqa: E402
 from .settings import DEFAULT_PROFILE  # noqa: E402
-from .vllm_server import CHAT_PROMPTS, max_usage_while_decoding, serve_together  # noqa: E402
+from .vllm_server import CHAT_PROMPTS, held_pages, max_usage_while_decoding, serve_together  # noqa: E402
 
 BLOCK = 32  # tests/vllm_server.py's --block-size
 # Pools of about the same tokens: stock puts all 30 layers in one block, PrefixKV one layer.
@@ -66,14 +65,6 @@ def test_request_budget_one_reproduces_stock_greedy_tokens(servers):
     assert differs_at_server_budget > 0  # the server's own budget does change answers
 
 
-def held_pages(prompt_len: int, computed: int, ratios) -> int:
-    """One-layer blocks a request holds after ``computed`` tokens, by the block arithmetic."""
-    defaults = PrefixKVConfig()
-    layout = PagedLayout(BLOCK, defaults.sink, defaults.recent, defaults.decode, defaults.decode_interval, prefix_caching=True)
-    allocated = math.ceil((computed + 1) / BLOCK)  # the step's new token has its slot
-    return sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)
-
-
 def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers):
     _, stock, compressed = servers
     # 1000 % 32 = 8: the 12 decode steps stay inside one block, so the holdings are constant.
@@ -82,6 +73,6 @@ def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers):
     ratios = Profile.load(DEFAULT_PROFILE).keep_ratios(PrefixKVConfig.budget)
     computed = length + 1  # the first decode step has run: the prompt is compacted
     assert max_usage_while_decoding(stock, prompt) == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6)
-    expected = held_pages(length, computed, ratios) / (COMPRESSED_BLOCKS - 1)
+    expected = held_pages(BLOCK, length, computed, ratios) / (COMPRESSED_BLOCKS - 1)
     assert max_usage_while_decoding(compressed, prompt) == pytest.approx(expected, abs=1e-6)
     assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0

@@ -19,6 +19,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from vllm.model_executor.models.utils import extract_layer_index  # noqa: E402
 from vllm.v1.core.kv_cache_utils import _get_kv_cache_groups_uniform_page_size  # noqa: E402
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec  # noqa: E402
@@ -85,7 +86,7 @@ def hybrid_config(layers, ratios, **settings):
 
 def test_only_full_attention_layers_get_the_prefixkv_spec():
     specs = attention_specs(["full_attention", "sliding_attention", "sliding_attention", "full_attention"])
-    converted = layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)), prefix_caching=False)
+    converted = layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)), prefix_caching=False, stage=range(4))
     assert [type(s).__name__ for s in converted.values()] == [
         "PrefixKVAttentionSpec", "SlidingWindowSpec", "SlidingWindowSpec", "PrefixKVAttentionSpec",
     ]  # fmt: skip
@@ -100,18 +101,30 @@ def test_a_loss_profile_gives_each_layer_its_curve_for_request_budgets():
                       {"criterion": "loss"}, LayerCosts((0.1, 0.3, 0.6), costs.tolist()))  # fmt: skip
     config = hybrid_config((0, 3), profile.keep_ratios(0.3)).with_keep_ratios(profile.keep_ratios(0.3), profile.ratio_curves())
     specs = attention_specs(["full_attention", "sliding_attention", "sliding_attention", "full_attention"])
-    converted = layer_specs(specs, config, prefix_caching=False)
+    converted = layer_specs(specs, config, prefix_caching=False, stage=range(4))
     compressed = [converted[f"model.layers.{i}.self_attn.attn"] for i in (0, 3)]
     assert [spec.request_ratio(0.5) for spec in compressed] == pytest.approx(profile.keep_ratios(0.5))
     assert [spec.request_ratio(0.3) for spec in compressed] == list(profile.keep_ratios(0.3))
-    without = layer_specs(specs, hybrid_config((0, 3), profile.keep_ratios(0.3)), prefix_caching=False)
+    without = layer_specs(specs, hybrid_config((0, 3), profile.keep_ratios(0.3)), prefix_caching=False, stage=range(4))
     assert without["model.layers.0.self_attn.attn"].ratio_curve == ()  # rescaled, as before
 
 
 def test_start_up_and_worker_must_agree_on_the_compressed_layers():
     specs = attention_specs(["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
-    with pytest.raises(PrefixKVConfigError, match=r"compress the full-attention layers \[0, 3\], but the model built full attention in layers \[1, 3\]"):
-        layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)), prefix_caching=False)
+    with pytest.raises(PrefixKVConfigError, match=r"compress the full-attention layers \[0, 3\] of layers 0-3, but the model built full attention in layers \[1, 3\]"):
+        layer_specs(specs, hybrid_config((0, 3), (0.3, 0.1)), prefix_caching=False, stage=range(4))
+
+
+def test_a_pipeline_stage_converts_its_own_layers_at_their_ratios():
+    types = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+    config = hybrid_config((0, 3), (0.3, 0.1))
+    second = {name: spec for name, spec in attention_specs(types).items() if extract_layer_index(name) >= 2}
+    converted = layer_specs(second, config, prefix_caching=False, stage=range(2, 4))
+    assert sorted(converted) == sorted(second)
+    assert converted["model.layers.3.self_attn.attn"].keep_ratio == 0.1
+    first = {name: spec for name, spec in attention_specs(types).items() if extract_layer_index(name) < 2}
+    with pytest.raises(PrefixKVConfigError, match=r"compress the full-attention layers \[3\] of layers 2-3, but the model built full attention in layers \[0\]"):
+        layer_specs(first, config, prefix_caching=False, stage=range(2, 4))
 
 
 @pytest.mark.parametrize("first", ["full_attention", "sliding_attention"])
@@ -123,7 +136,7 @@ def test_vllm_groups_prefixkv_and_sliding_layers_apart(first):
     specs = attention_specs(types)
     full = tuple(i for i, t in enumerate(types) if t == "full_attention")
     ratios = (0.3, 0.1) if len(full) == 2 else (0.3, 0.1, 0.2, 0.2)
-    groups = _get_kv_cache_groups_uniform_page_size(layer_specs(specs, hybrid_config(full, ratios), prefix_caching=False))
+    groups = _get_kv_cache_groups_uniform_page_size(layer_specs(specs, hybrid_config(full, ratios), prefix_caching=False, stage=range(6)))
     kinds = sorted((type(g.kv_cache_spec).__name__, len(g.layer_names)) for g in groups)
     assert kinds == sorted([("PrefixKVAttentionSpec", 1)] * len(full) + [("SlidingWindowSpec", 1)] * (6 - len(full)))
 

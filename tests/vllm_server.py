@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import subprocess
 import threading
 import time
@@ -13,6 +15,8 @@ from pathlib import Path
 import requests
 
 from benchmarks.serving import VLLM, ServerProcess, free_port, vllm_server, vllm_servers
+from prefixkv_vllm.config import PrefixKVConfig
+from prefixkv_vllm.policy.paged import PagedLayout, live_blocks
 
 COLORS = ("red", "blue", "green", "yellow")
 
@@ -38,6 +42,12 @@ SERVE_DEFAULTS = ["--dtype", "float32", "--enforce-eager", "--block-size", "32",
 
 
 class Server(ServerProcess):
+    def metric_by_engine(self, name: str) -> dict[str, float]:
+        """One ``vllm:*`` metric per engine (data-parallel rank), from its ``engine`` label."""
+        text = requests.get(f"{self.base_url}/metrics", timeout=30).text
+        pattern = rf'^{re.escape(name)}\{{[^}}]*engine="(\d+)"[^}}]*\}} (\S+)$'
+        return {engine: float(value) for engine, value in re.findall(pattern, text, re.M)}
+
     def chat(self, content: str, max_tokens: int = 48, **extra) -> dict:
         body = {"model": "demo", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
         body.update({"temperature": 0, **extra})
@@ -110,11 +120,11 @@ def concurrent_streams(server: Server, prompts: list[str], max_tokens: int, on_p
     return results  # type: ignore[return-value]
 
 
-def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12) -> float:
-    """The highest KV usage seen while one request decodes, from its second token on."""
+def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12, headers: dict | None = None) -> float:
+    """The highest KV usage seen while one request decodes, from its second token on (summed over engines)."""
     body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     samples = []
-    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600) as response:
+    with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600, headers=headers) as response:
         response.raise_for_status()
         chunks = 0
         for line in response.iter_lines():
@@ -124,3 +134,11 @@ def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12) ->
                     samples.append(server.metric("vllm:kv_cache_usage_perc"))
     assert samples, "no sample was taken while the request decoded"
     return max(samples)
+
+
+def held_pages(block_size: int, prompt_len: int, computed: int, ratios) -> int:
+    """One-layer blocks a request holds after ``computed`` tokens, by the block arithmetic (the default decode settings)."""
+    defaults = PrefixKVConfig()
+    layout = PagedLayout(block_size, defaults.sink, defaults.recent, defaults.decode, defaults.decode_interval, prefix_caching=True)
+    allocated = math.ceil((computed + 1) / block_size)  # the step's new token has its slot
+    return sum(allocated - live_blocks(prompt_len, computed, r, layout)[0] for r in ratios)

@@ -32,7 +32,7 @@ def configure_engine(vllm_config) -> None:
     model_config = vllm_config.model_config
     _check_supported(vllm_config)
     select_attention_backend(vllm_config)
-    num_layers = model_config.get_num_layers(vllm_config.parallel_config)
+    num_layers = model_config.get_total_num_hidden_layers()  # every stage's: pipeline stages hold a share each
     layers = full_attention_layers(model_config.hf_text_config, num_layers)
     if not layers:
         raise PrefixKVConfigError(
@@ -109,8 +109,6 @@ def _check_supported(vllm_config) -> None:
     if vllm_config.kv_transfer_config is not None:
         reasons.append("KV connectors (--kv-transfer-config)")
     parallel = vllm_config.parallel_config
-    if parallel.pipeline_parallel_size > 1:
-        reasons.append("pipeline parallelism")
     if parallel.decode_context_parallel_size > 1 or parallel.prefill_context_parallel_size > 1:
         reasons.append("context parallelism")
     if parallel.use_ubatching:
@@ -201,17 +199,21 @@ def _log_plan(config: PrefixKVConfig, block_size: int, num_layers: int) -> None:
     )
 
 
-def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_caching: bool) -> dict[str, KVCacheSpec]:
+def layer_specs(
+    specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_caching: bool, stage: range
+) -> dict[str, KVCacheSpec]:
     """The model's KV-cache specs with each compressed layer's carrying its (tiered) keep ratio.
 
     Only the full-attention layers that start-up resolved (``config.layers``) are
     compressed; every other layer (sliding window, chunked local, linear attention)
-    keeps the spec vLLM built, and so its own manager and backend.
+    keeps the spec vLLM built, and so its own manager and backend. ``stage``: the layers
+    this worker's pipeline stage builds (all of them without pipeline parallelism).
     """
     full = {extract_layer_index(name): name for name, spec in specs.items() if type(spec) is FullAttentionSpec}
-    if tuple(sorted(full)) != config.layers:
+    planned = [layer for layer in config.layers if layer in stage]
+    if sorted(full) != planned:
         raise PrefixKVConfigError(
-            f"start-up planned to compress the full-attention layers {list(config.layers)}, "
+            f"start-up planned to compress the full-attention layers {planned} of layers {stage.start}-{stage.stop - 1}, "
             f"but the model built full attention in layers {sorted(full)}"
         )
     tiers = _tiers(config.keep_ratios, config.tiers)
@@ -219,6 +221,8 @@ def layer_specs(specs: dict[str, KVCacheSpec], config: PrefixKVConfig, prefix_ca
     curves = _tier_curves(config.ratio_curves, tiers) if config.ratio_curves else [()] * len(ratios)
     converted = dict(specs)
     for index, ratio, curve in zip(config.layers, ratios, curves):
+        if index not in full:  # another pipeline stage's layer
+            continue
         name = full[index]
         converted[name] = PrefixKVAttentionSpec.of(
             specs[name],

@@ -12,6 +12,7 @@ attention impl inside the step's work (``backends.core.StepWork``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +92,10 @@ class WorkerState:
 
     store: RequestStore = field(default_factory=RequestStore)
     batch: BatchInfo | None = None  # set only while the runner builds the step's attention metadata
+    # Averages a score row over the tensor-parallel ranks, each of which holds some of the KV
+    # heads (None: one rank holds them all), so that a selection shared by the heads is the
+    # same at every tensor-parallel size.
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @functools.lru_cache(maxsize=8)

@@ -26,6 +26,7 @@ block_size, Hkv, D]`` or its tiled form, in the cache's own dtype, fp8 included)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -82,6 +83,7 @@ class StepWork:
     policy: KVPolicy
     layout: PagedLayout
     store: RequestStore  # the model runner's (``worker_state``)
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None  # the model runner's (``worker_state``)
     req_ids: list[str]
     prompt_lens: list[int]
     kept_prompt_blocks: list[int]
@@ -177,6 +179,7 @@ def plan_step(
             policy=policy,
             layout=spec.layout,
             store=state.store,
+            mean_over_ranks=state.mean_over_ranks,
             req_ids=batch.req_ids[:known],
             prompt_lens=[int(p) for p in rows.prompt_lens[:known]],
             kept_prompt_blocks=[int(k) for k in rows.kept[:known]],
@@ -499,7 +502,7 @@ def _prompt_priorities(work, layer_name, row, natural, whole, num_kv_heads):
     accumulated = work.store.take_scores(req_id, layer_name, prompt_len)
     if accumulated is None:  # recency needs no attention
         accumulated = torch.zeros(num_kv_heads, prompt_len, device=natural.device)
-    scores = policy.scorer.scores(accumulated, prompt_len)[:, :body]
+    scores = _shared_over_ranks(work, policy.scorer.scores(accumulated, prompt_len))[:, :body]
     protection = Protection(sink=policy.protection.sink, recent=max(0, policy.protection.recent - (prompt_len - body)))
     if whole.stop > whole.start:  # run slots are positions here: before is 0 while the prompt is compacted
         scores = scores.clone()
@@ -530,8 +533,17 @@ def _decode_priorities(work, layer_name, row, processed, natural):
     if accumulated is None:  # fifo, or no decode scores (a request resumed past a round)
         return torch.where(positions < prompt_len, _KEEP, positions.to(torch.float32)), positions
     count = natural.shape[1]
-    scores = accumulated[:, :count] if policy.scorer.per_kv_head else accumulated[:, :count].mean(dim=0, keepdim=True)
+    scores = accumulated[:, :count]
+    if not policy.scorer.per_kv_head:
+        scores = _shared_over_ranks(work, scores.mean(dim=0, keepdim=True))
     return scores.masked_fill(positions < policy.protection.sink, _KEEP), positions
+
+
+def _shared_over_ranks(work: StepWork, scores: torch.Tensor) -> torch.Tensor:
+    """A selection shared by the heads (one score row) reads the heads of every tensor-parallel rank."""
+    if work.policy.scorer.per_kv_head or work.mean_over_ranks is None:
+        return scores  # per-head selections need only the rank's own heads
+    return work.mean_over_ranks(scores)
 
 
 def _one_hot(chosen: torch.Tensor, size: int) -> torch.Tensor:

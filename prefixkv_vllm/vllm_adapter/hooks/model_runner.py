@@ -24,14 +24,15 @@ def bind_model_runner(runner, config: PrefixKVConfig) -> WorkerState:
     from ..startup import layer_specs, logger
 
     use_prefixkv_backend()
-    state = WorkerState()
+    state = WorkerState(mean_over_ranks=_mean_over_ranks if runner.parallel_config.tensor_parallel_size > 1 else None)
     original_specs = runner.get_kv_cache_spec
     original_init_cache = runner.initialize_kv_cache
     original_update = runner._update_states
     original_build = runner._build_attention_metadata
 
     def get_kv_cache_spec():
-        return layer_specs(original_specs(), config, runner.cache_config.enable_prefix_caching)
+        stage = range(*runner.model_config.get_layers_start_end_indices(runner.parallel_config))
+        return layer_specs(original_specs(), config, runner.cache_config.enable_prefix_caching, stage)
 
     def initialize_kv_cache(*args, **kwargs):
         result = original_init_cache(*args, **kwargs)
@@ -66,3 +67,11 @@ def bind_model_runner(runner, config: PrefixKVConfig) -> WorkerState:
     runner._update_states = _update_states
     runner._build_attention_metadata = _build_attention_metadata
     return state
+
+
+def _mean_over_ranks(scores):
+    """The mean of each rank's ``scores`` over the tensor-parallel group (every rank holds as many KV heads)."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    return group.all_reduce(scores) / group.world_size

