@@ -102,6 +102,20 @@ def test_importance_cuda_model_shapes(dtype, head_dim, group, pass_lse):
     torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # tensor-core and SIMT lse passes
+@pytest.mark.parametrize("pass_lse", [False, True])
+def test_importance_cuda_window_over_long_prompts(dtype, pass_lse):
+    """The server's call: the last 32 queries of long prompts, the lse pass split over keys
+    (a handful of query tiles cannot fill the GPU), and a short prompt with its window inside."""
+    case = dict(
+        layout="flash_hnd", dtype=dtype, num_kv_heads=2, num_q_heads=8, head_dim=128, block_size=16,
+        seq_lens=[8192, 3000, 40], q_lens=[32, 32, 40], min_pos=[8160, 2968, 8], temperature=2.0,
+        pass_lse=pass_lse, seed=8,
+    )
+    actual, expected = importance_both_ways(case, pass_lse)
+    torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
+
+
 def test_importance_cuda_accumulates_across_chunks():
     case = dict(
         layout="flash_hnd", dtype=torch.bfloat16, num_kv_heads=2, num_q_heads=8, head_dim=128, block_size=16,

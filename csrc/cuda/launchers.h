@@ -68,6 +68,12 @@ struct ImportanceParams {
   int64_t lse_stride_head = 0;
   int64_t lse_stride_token = 0;
 
+  // Key splits of the lse pass (lse_split.cuh): with lse_splits > 1,
+  // launch_attention_lse writes partial states to lse_partials (2 * lse_splits *
+  // Hq * T floats, scratch) and merges them into lse. attention_lse_splits picks it.
+  float* lse_partials = nullptr;
+  int64_t lse_splits = 1;
+
   int64_t num_tokens = 0;    // T (query.size(0)); may exceed query_start_loc[B]
   int64_t num_seqs = 0;      // B
   int64_t num_q_heads = 0;   // Hq (a multiple of Hkv)
@@ -79,8 +85,13 @@ struct ImportanceParams {
 };
 
 // Pass 1: lse[h, t] = causal row log-sum-exp of scale * q_t,h . k_j over keys
-// j <= position(t). Tokens t >= query_start_loc[B] (padding) are not written.
+// j <= position(t). Tokens t >= query_start_loc[B] (padding) are not written, nor
+// are the query tiles wholly below min_query_pos (the score pass reads none).
 cudaError_t launch_attention_lse(const ImportanceParams& p, cudaStream_t stream);
+
+// Key splits for pass 1 on the current device (1 when its query tiles alone fill
+// the SMs): a scored window of a few queries over a long prompt gets many.
+int64_t attention_lse_splits(const ImportanceParams& p);
 
 // Pass 2: scores[b, g, j] += sum over scored queries i of
 // mean_{h in group g} exp(scale * q_i,h . k_j - lse[h, i]) (causal, position(i)

@@ -125,7 +125,15 @@ void importance_cuda(const at::Tensor& query, const at::Tensor& key_cache,
   p.max_keys = scores.size(2);
   p.scale = static_cast<float>(scale);
 
-  if (compute_lse) check_launch(cuda::launch_attention_lse(p, stream), kOp);
+  at::Tensor lse_partials;  // kept alive until the launches are enqueued (caching allocator)
+  if (compute_lse) {
+    p.lse_splits = cuda::attention_lse_splits(p);
+    if (p.lse_splits > 1) {
+      lse_partials = at::empty({2, p.lse_splits, num_q_heads, num_tokens}, query.options().dtype(at::kFloat));
+      p.lse_partials = lse_partials.data_ptr<float>();
+    }
+    check_launch(cuda::launch_attention_lse(p, stream), kOp);
+  }
   check_launch(cuda::launch_importance_scores(p, stream), kOp);
 }
 
