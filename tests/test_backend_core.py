@@ -11,6 +11,7 @@ pytest.importorskip("vllm")
 import prefixkv_vllm.ops as ops  # noqa: E402
 from prefixkv_vllm.ops import reference as ref  # noqa: E402
 from prefixkv_vllm.policy.paged import kept_prompt_blocks  # noqa: E402
+from prefixkv_vllm.vllm_adapter import worker_state  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.core import Scales, after_attention, plan_step  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import BatchInfo, WorkerState  # noqa: E402
@@ -218,5 +219,14 @@ def test_a_step_compacting_several_layers_launches_one_compact(monkeypatch):
     assert calls == [3]  # one call, all three layers
     one_by_one, calls = _prompt_end_of_layers(3, flush_each_layer=True, monkeypatch=monkeypatch)
     assert calls == [1, 1, 1]
+    for mine, expected in zip(batched, one_by_one):
+        assert torch.equal(mine, expected)
+
+
+def test_more_layers_than_one_cuda_call_takes_split_into_calls(monkeypatch):
+    monkeypatch.setattr(worker_state, "_MAX_LAYERS_PER_CALL", 2)
+    batched, calls = _prompt_end_of_layers(5, flush_each_layer=False, monkeypatch=monkeypatch)
+    assert calls == [2, 2, 1]
+    one_by_one, _ = _prompt_end_of_layers(5, flush_each_layer=True, monkeypatch=monkeypatch)
     for mine, expected in zip(batched, one_by_one):
         assert torch.equal(mine, expected)

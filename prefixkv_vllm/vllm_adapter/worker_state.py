@@ -100,6 +100,11 @@ class LayerMove:
     tables: list[torch.Tensor]
 
 
+# The CUDA op carries its layers' cache pointers in the kernel arguments: 128 at most
+# (kMaxCompactLayers in csrc/cuda/launchers.h); a deeper step takes a call per 128 layers.
+_MAX_LAYERS_PER_CALL = 128
+
+
 class PendingMoves:
     """The step's compactions, every layer's, moved at the end of the model's forward by one
     ``ops.compact`` per cache layout (one in all for a model whose layers share a layout).
@@ -127,7 +132,8 @@ class PendingMoves:
         for move in moves:
             by_layout.setdefault(_layout_of(move), []).append(move)
         for same_layout in by_layout.values():
-            _launch(same_layout)
+            for first in range(0, len(same_layout), _MAX_LAYERS_PER_CALL):
+                _launch(same_layout[first : first + _MAX_LAYERS_PER_CALL])
 
 
 def _layout_of(move: LayerMove) -> tuple:
