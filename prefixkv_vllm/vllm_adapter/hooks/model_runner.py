@@ -1,4 +1,4 @@
-"""The model runner (``GPUModelRunner``, which ``CPUModelRunner`` inherits): layer specs, backends, the runner's PrefixKV state."""
+"""The model runner (``GPUModelRunner``, which ``CPUModelRunner`` inherits): layer specs, backends, the runner's PrefixKV state, the step's compactions after its forward."""
 
 from __future__ import annotations
 
