@@ -138,41 +138,67 @@ void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
   }
 }
 
-void check_compact_args(const at::Tensor& key_cache,
-                        const at::Tensor& value_cache,
-                        const at::Tensor& block_table,
-                        const at::Tensor& keep_indices,
-                        const at::Tensor& num_kept) {
+namespace {
+
+// Every layer's cache must read like the first one's: one description serves all.
+void check_same_layout(at::TensorList caches, const char* op, const char* name) {
+  const at::Tensor& first = caches[0];
+  check_paged_view(first, op, name);
+  for (size_t l = 1; l < caches.size(); ++l) {
+    const at::Tensor& c = caches[l];
+    check_same_device(first, c, op, name, name);
+    TORCH_CHECK(c.sizes() == first.sizes() && c.strides() == first.strides() &&
+                    c.scalar_type() == first.scalar_type(),
+                op, ": ", name, "[", l, "] (shape ", c.sizes(), ", strides ", c.strides(), ", ",
+                c.scalar_type(), ") differs from ", name, "[0] (shape ", first.sizes(), ", strides ",
+                first.strides(), ", ", first.scalar_type(), "); one call takes caches of one layout");
+  }
+}
+
+}  // namespace
+
+void check_compact_args(at::TensorList key_caches, at::TensorList value_caches,
+                        const at::Tensor& layers, const at::Tensor& block_table,
+                        const at::Tensor& keep_indices, const at::Tensor& num_kept) {
   constexpr const char* op = "prefixkv::compact";
 
-  check_same_device(key_cache, value_cache, op, "key_cache", "value_cache");
-  check_same_device(key_cache, block_table, op, "key_cache", "block_table");
-  check_same_device(key_cache, keep_indices, op, "key_cache", "keep_indices");
-  check_same_device(key_cache, num_kept, op, "key_cache", "num_kept");
+  TORCH_CHECK(!key_caches.empty(), op, ": key_caches must hold at least one layer");
+  TORCH_CHECK(value_caches.size() == key_caches.size(), op, ": ", key_caches.size(),
+              " key_caches but ", value_caches.size(), " value_caches");
+  check_same_layout(key_caches, op, "key_caches");
+  check_same_layout(value_caches, op, "value_caches");
+  const at::Tensor& key_cache = key_caches[0];
+  const at::Tensor& value_cache = value_caches[0];
+  check_same_device(key_cache, value_cache, op, "key_caches", "value_caches");
+  check_same_device(key_cache, layers, op, "key_caches", "layers");
+  check_same_device(key_cache, block_table, op, "key_caches", "block_table");
+  check_same_device(key_cache, keep_indices, op, "key_caches", "keep_indices");
+  check_same_device(key_cache, num_kept, op, "key_caches", "num_kept");
 
-  check_paged_view(key_cache, op, "key_cache");
-  check_paged_view(value_cache, op, "value_cache");
   // The two may tile differently (vLLM's AMX cache does), but hold the same tokens.
   TORCH_CHECK(value_cache.size(0) == key_cache.size(0) &&
                   paged_block_size(value_cache) == paged_block_size(key_cache) &&
                   paged_num_kv_heads(value_cache) == paged_num_kv_heads(key_cache) &&
                   paged_head_dim(value_cache) == paged_head_dim(key_cache),
-              op, ": value_cache shape ", value_cache.sizes(),
-              " holds other blocks, slots, heads or dims than key_cache shape ", key_cache.sizes());
+              op, ": value_caches shape ", value_cache.sizes(),
+              " holds other blocks, slots, heads or dims than key_caches shape ", key_cache.sizes());
   TORCH_CHECK(value_cache.scalar_type() == key_cache.scalar_type(), op,
-              ": value_cache dtype ", value_cache.scalar_type(),
-              " != key_cache dtype ", key_cache.scalar_type());
+              ": value_caches dtype ", value_cache.scalar_type(),
+              " != key_caches dtype ", key_cache.scalar_type());
 
+  check_int32_index(layers, op, "layers", 1);
   check_int32_index(block_table, op, "block_table", 2);
   check_int32_index(keep_indices, op, "keep_indices", 3);
   check_int32_index(num_kept, op, "num_kept", 1);
-  const int64_t num_requests = num_kept.size(0);
+  const int64_t num_items = num_kept.size(0);
   const int64_t num_kv_heads = paged_num_kv_heads(key_cache);
-  TORCH_CHECK(block_table.size(0) == num_requests, op,
-              ": block_table must have R = ", num_requests, " rows, got ",
+  TORCH_CHECK(layers.size(0) == num_items, op, ": layers must have I = ", num_items,
+              " entries, got ", layers.size(0));
+  TORCH_CHECK(block_table.size(0) == num_items, op,
+              ": block_table must have I = ", num_items, " rows, got ",
               block_table.size(0));
-  TORCH_CHECK(keep_indices.size(0) == num_requests, op,
-              ": keep_indices must be [R, Hs, K] with R = ", num_requests,
+  TORCH_CHECK(keep_indices.size(0) == num_items, op,
+              ": keep_indices must be [I, Hs, K] with I = ", num_items,
               ", got shape ", keep_indices.sizes());
   TORCH_CHECK(keep_indices.size(1) == 1 || keep_indices.size(1) == num_kv_heads,
               op, ": keep_indices.shape[1] must be 1 (shared) or Hkv = ",

@@ -27,11 +27,13 @@ void check_importance_args(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& scores,
                            const std::optional<at::Tensor>& lse);
 
-void check_compact_args(const at::Tensor& key_cache,
-                        const at::Tensor& value_cache,
-                        const at::Tensor& block_table,
-                        const at::Tensor& keep_indices,
-                        const at::Tensor& num_kept);
+// compact moves one step's items (a request in a layer) across every layer at once:
+// item i lives in layer layers[i], i.e. in key_caches[layers[i]] and
+// value_caches[layers[i]]. All key caches share one shape, dtype and strides (one
+// description serves every layer), and so do all value caches.
+void check_compact_args(at::TensorList key_caches, at::TensorList value_caches,
+                        const at::Tensor& layers, const at::Tensor& block_table,
+                        const at::Tensor& keep_indices, const at::Tensor& num_kept);
 
 void importance_cpu(const at::Tensor& query, const at::Tensor& key_cache,
                     const at::Tensor& block_table,
@@ -40,8 +42,8 @@ void importance_cpu(const at::Tensor& query, const at::Tensor& key_cache,
                     const at::Tensor& min_query_pos, double scale,
                     at::Tensor& scores, const std::optional<at::Tensor>& lse);
 
-void compact_cpu(at::Tensor& key_cache, at::Tensor& value_cache,
-                 const at::Tensor& block_table, const at::Tensor& keep_indices,
-                 const at::Tensor& num_kept);
+void compact_cpu(at::TensorList key_caches, at::TensorList value_caches,
+                 const at::Tensor& layers, const at::Tensor& block_table,
+                 const at::Tensor& keep_indices, const at::Tensor& num_kept);
 
 }  // namespace prefixkv

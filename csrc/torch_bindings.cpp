@@ -11,7 +11,7 @@ TORCH_LIBRARY(prefixkv, m) {
       "Tensor query_start_loc, Tensor seq_lens, Tensor min_query_pos, "
       "float scale, Tensor(a!) scores, Tensor? lse=None) -> ()");
   m.def(
-      "compact(Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "compact(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor layers, "
       "Tensor block_table, Tensor keep_indices, Tensor num_kept) -> ()");
 }
 

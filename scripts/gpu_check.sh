@@ -157,7 +157,10 @@ if run_step build 240 build.log build; then
   # access past one is not hidden inside a cached block. API errors are not reported:
   # torch probes the driver with calls that may fail, and the ops check their launches.
   # Then initcheck on the two lse passes, which skip the query tiles below a window:
-  # the score pass must read no lse they left unwritten. Exit status 86 means a tool
+  # the score pass must read no lse they left unwritten. On a 132-SM H200 both cases
+  # also split their keys (3 and 2 splits, csrc/cuda/lse_split.cuh): the combine must
+  # read only partial states the splits wrote. The two compaction cases run the
+  # in-order head and the parallel tail kernels over three layers. Exit status 86 means a tool
   # found errors; others are pytest's.
   run_step sanitizer 120 sanitizer.log sanitize
 

@@ -10,8 +10,10 @@ import torch
 
 pytest.importorskip("vllm")
 
+import prefixkv_vllm.ops as ops  # noqa: E402
 from prefixkv_vllm.ops import reference as ref  # noqa: E402
 from prefixkv_vllm.policy.paged import kept_prompt_blocks  # noqa: E402
+from prefixkv_vllm.vllm_adapter import worker_state  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.core import Scales, after_attention, plan_step  # noqa: E402
 from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E402
 from prefixkv_vllm.vllm_adapter.worker_state import BatchInfo, WorkerState  # noqa: E402
@@ -19,6 +21,7 @@ from prefixkv_vllm.vllm_adapter.worker_state import BatchInfo, WorkerState  # no
 from .settings import policy as build_policy  # noqa: E402
 
 BLOCK, HKV, HQ, DIM = 8, 2, 4, 16
+real_compact = ops.compact
 
 
 def plan_of(spec, policy, batch, qsl, seq_lens, table, seq_lens_cpu=None, state=None):
@@ -152,6 +155,7 @@ def _run_prompt(chunks, scorer, per_kv_head=False, seed=0):
         step = plan_of(spec(0.3, sink=2, recent=3), policy, batch, qsl, seq_lens, table, state=state)
         if step is not None and step.work is not None:
             after_attention(step.work, "layer", query_all[computed : computed + chunk], keys, values, Scales(DIM**-0.5))
+            state.moves.flush()  # the model runner's end of the forward
         computed += chunk
     assert state.store.take_scores("r", "layer", prompt) is None  # compaction consumed the scores
     return cache
@@ -177,6 +181,8 @@ def test_compaction_keeps_the_top_scored_tokens():
     state = WorkerState()
     step = plan_of(spec(0.3, sink=2, recent=3), policy, BatchInfo(["r"], np.array([prompt])), qsl, seq_lens, table, state=state)
     after_attention(step.work, "layer", query, cache[0], cache[1], Scales(DIM**-0.5))
+    assert torch.equal(cache, original)  # the move waits for the end of the forward
+    state.moves.flush()
 
     scores = torch.zeros(1, HKV, prompt)
     ref.importance(query, original[0], table, qsl, seq_lens, torch.zeros(1, dtype=torch.int32), DIM**-0.5, scores)
@@ -221,9 +227,10 @@ def test_tensor_parallel_ranks_compact_their_heads_as_one_rank_would(scorer, per
     batch = BatchInfo(["r"], np.array([prompt]))
 
     def compact(cache, query, mean_over_ranks=None):
-        step = plan_of(spec(0.3, sink=2, recent=3), policy, batch, *step_inputs([0], [prompt], max_blocks=10),
-                       state=WorkerState(mean_over_ranks=mean_over_ranks))  # fmt: skip
+        state = WorkerState(mean_over_ranks=mean_over_ranks)
+        step = plan_of(spec(0.3, sink=2, recent=3), policy, batch, *step_inputs([0], [prompt], max_blocks=10), state=state)
         after_attention(step.work, "layer", query, cache[0], cache[1], Scales(DIM**-0.5))
+        state.moves.flush()
 
     whole = cache.clone()
     compact(whole, query)
@@ -240,3 +247,39 @@ def test_tensor_parallel_ranks_compact_their_heads_as_one_rank_would(scorer, per
     assert torch.equal(torch.cat(shards, dim=3), whole)
     assert ranks.calls == (0 if per_kv_head else 1)  # one shared selection of the prompt
     assert not torch.equal(whole, cache)
+
+
+def _prompt_end_of_layers(num_layers, flush_each_layer, monkeypatch):
+    """One 61-token prompt step over ``num_layers`` layers (each its own cache and queries); the op calls it made."""
+    gen = torch.Generator().manual_seed(11)
+    caches = [torch.randn(2, 10, BLOCK, HKV, DIM, generator=gen) for _ in range(num_layers)]
+    queries = [torch.randn(61, HQ, DIM, generator=gen) for _ in range(num_layers)]
+    policy = build_policy("uniform", 0.3, scorer="mean", per_kv_head=True, sink=2, recent=3)
+    state = WorkerState()
+    step = plan_of(spec(0.3, sink=2, recent=3), policy, BatchInfo(["r"], np.array([61])), *step_inputs([0], [61], max_blocks=10), state=state)
+    calls = []
+    monkeypatch.setattr(ops, "compact", lambda *args: (calls.append(len(args[0])), real_compact(*args)))
+    for layer, (cache, query) in enumerate(zip(caches, queries)):
+        after_attention(step.work, f"layer.{layer}", query, cache[0], cache[1], Scales(DIM**-0.5))
+        if flush_each_layer:
+            state.moves.flush()
+    state.moves.flush()
+    return caches, calls
+
+
+def test_a_step_compacting_several_layers_launches_one_compact(monkeypatch):
+    batched, calls = _prompt_end_of_layers(3, flush_each_layer=False, monkeypatch=monkeypatch)
+    assert calls == [3]  # one call, all three layers
+    one_by_one, calls = _prompt_end_of_layers(3, flush_each_layer=True, monkeypatch=monkeypatch)
+    assert calls == [1, 1, 1]
+    for mine, expected in zip(batched, one_by_one):
+        assert torch.equal(mine, expected)
+
+
+def test_more_layers_than_one_cuda_call_takes_split_into_calls(monkeypatch):
+    monkeypatch.setattr(worker_state, "_MAX_LAYERS_PER_CALL", 2)
+    batched, calls = _prompt_end_of_layers(5, flush_each_layer=False, monkeypatch=monkeypatch)
+    assert calls == [2, 2, 1]
+    one_by_one, _ = _prompt_end_of_layers(5, flush_each_layer=True, monkeypatch=monkeypatch)
+    for mine, expected in zip(batched, one_by_one):
+        assert torch.equal(mine, expected)

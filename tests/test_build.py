@@ -27,7 +27,7 @@ key = torch.zeros(4, 16, 2, 32)
 table = torch.zeros(1, 4, dtype=torch.int32)
 keep = torch.zeros(1, 1, 4, dtype=torch.int32)
 try:
-    torch.ops.prefixkv.compact(key, torch.zeros(4, 16, 2, 33), table, keep, torch.tensor([4], dtype=torch.int32))
+    torch.ops.prefixkv.compact([key], [torch.zeros(4, 16, 2, 33)], torch.zeros(1, dtype=torch.int32), table, keep, torch.tensor([4], dtype=torch.int32))
 except RuntimeError as error:
     print(str(error).splitlines()[0])
 """
@@ -48,4 +48,4 @@ def test_error_messages_survive_a_static_libstdcxx_toolchain(tmp_path):
     library = tmp_path / "lib" / f"_C{suffix}"
     result = subprocess.run([sys.executable, "-c", LOAD_AND_FAIL, str(library)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "value_cache shape [4, 16, 2, 33] holds other blocks, slots, heads or dims than key_cache shape [4, 16, 2, 32]" in result.stdout
+    assert "value_caches shape [4, 16, 2, 33] holds other blocks, slots, heads or dims than key_caches shape [4, 16, 2, 32]" in result.stdout

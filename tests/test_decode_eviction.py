@@ -161,6 +161,7 @@ def simulate(
         if plan is not None and plan.work is not None:
             before = values.clone()
             after_attention(plan.work, "layer", queries[computed : computed + step], keys, values, Scales(DIM**-0.5))
+            state.moves.flush()  # the model runner's end of the forward
             if prefix_caching:
                 assert torch.equal(values[:shared], before[:shared]), f"step at {computed}: rewrote a shared block"
         computed += step

@@ -325,10 +325,8 @@ class ModelFreeRunner:
         self._build_attention_metadata(step)
         return step
 
-    def forward(self, step: Step) -> ModelRunnerOutput:
-        """Every layer of every pipeline, then a sampled token for each row that reached its end."""
-        tokens = torch.tensor([t for row, c, n in zip(step.rows, step.computed, step.scheduled) for t in row.token_ids[c : c + n]])
-        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(step.computed, step.scheduled)])
+    def _model_forward(self, step: Step, tokens, positions) -> None:
+        """The model: every layer of every pipeline."""
         for group_id, group in enumerate(self.groups):
             for index in group.layers:
                 qkv = self.qkv(index, tokens, positions)
@@ -342,6 +340,12 @@ class ModelFreeRunner:
                     with set_forward_context(context, self.vllm_config, slot_mapping={layer.layer_name: step.slot_mappings[group_id]}):
                         output = layer(*(x.flatten(1) for x in inputs)).view(-1, HEADS, HEAD_DIM)
                     step.outputs[kind, index] = output[: len(tokens)]
+
+    def forward(self, step: Step) -> ModelRunnerOutput:
+        """Every layer of every pipeline, then a sampled token for each row that reached its end."""
+        tokens = torch.tensor([t for row, c, n in zip(step.rows, step.computed, step.scheduled) for t in row.token_ids[c : c + n]])
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(step.computed, step.scheduled)])
+        self._model_forward(step, tokens, positions)  # vLLM's runner calls the model through it (a PrefixKV hook)
         sampled = []
         for row, n in zip(step.rows, step.scheduled):
             row.computed += int(n)

@@ -502,26 +502,36 @@ def test_importance_rejects_non_contiguous_query_head_dim():
 
 @st.composite
 def compact_case(draw):
+    """A step's compaction: requests with their blocks, and items (request, layer) over 1-3 layers."""
     layout = draw(st.sampled_from(LAYOUTS))
     num_kv_heads = draw(st.sampled_from([1, 2, 4]))
     block_size = draw(st.sampled_from([16, 32] if layout in TILED else [1, 3, 16, 32]))
+    num_layers = draw(st.integers(1, 3))
     num_requests = draw(st.integers(1, 3))
-    lengths, kept = [], []
-    for _ in range(num_requests):
-        n = draw(st.integers(0, 100))
-        lengths.append(n)
-        kept.append(draw(st.sampled_from([0, n, draw(st.integers(0, n))])))
+    lengths = [draw(st.integers(0, 100)) for _ in range(num_requests)]
+    # Each layer compacts some of the requests (each its own selection), items in any order.
+    items = [(r, layer) for layer in range(num_layers) for r in range(num_requests) if draw(st.booleans())]
+    items = draw(st.permutations(items)) if items else [(0, 0)]
+    kept = [draw(st.sampled_from([0, lengths[r], draw(st.integers(0, lengths[r]))])) for r, _ in items]
     return dict(
         layout=layout,
         dtype=draw(st.sampled_from([*FLOAT_DTYPES, *FP8_DTYPES, torch.uint8])),
         num_kv_heads=num_kv_heads,
         block_size=block_size,
         head_dim=draw(st.sampled_from([16, 64] if layout in TILED else [1, 8, 24, 64])),
+        num_layers=num_layers,
         lengths=lengths,
+        items=list(items),
         kept=kept,
         shared=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
+
+
+def compact_one_layer(key, value, table, keep, num_kept):
+    """The op on a single layer: every item in layer 0."""
+    layers = torch.zeros(num_kept.numel(), dtype=torch.int32)
+    torch.ops.prefixkv.compact([key], [value], layers, table, keep, num_kept)
 
 
 def build_keep_indices(lengths, kept, index_sets, gen, pad=2):
@@ -533,7 +543,8 @@ def build_keep_indices(lengths, kept, index_sets, gen, pad=2):
     return keep
 
 
-def assert_compacted(key_after, value_after, key_before, value_before, table, keep, kept, owned_blocks):
+def assert_compacted(key_after, value_after, key_before, value_before, table, keep, kept):
+    """Every item's kept tokens, in order, at the front of its blocks (one layer's items)."""
     _, block_size, num_kv_heads, _ = ref.paged_shape(key_before)
     for r, count in enumerate(kept):
         for g in range(num_kv_heads):
@@ -542,33 +553,60 @@ def assert_compacted(key_after, value_after, key_before, value_before, table, ke
                 moved = ref.paged_tokens(after, table[r], count)[:, g]
                 original = ref.paged_tokens(before, table[r], table.shape[1] * block_size)[src, g]
                 assert torch.equal(bits(moved), bits(original))
-    foreign = [b for b in range(key_before.shape[0]) if b not in owned_blocks]
-    for after, before in ((key_after, key_before), (value_after, value_before)):
-        assert torch.equal(bits(after[foreign]), bits(before[foreign]))
 
 
-@settings(max_examples=60, deadline=None)
+def layer_caches(case, num_blocks, gen):
+    """One storage and its paged views per layer: same shape, dtype and strides, different contents."""
+    layers = [
+        make_caches(case["layout"], num_blocks, case["block_size"], case["num_kv_heads"], case["head_dim"], case["dtype"], gen)
+        for _ in range(case["num_layers"])
+    ]
+    return [storage for storage, _, _ in layers], [key for _, key, _ in layers], [value for _, _, value in layers]
+
+
+@settings(max_examples=80, deadline=None)
 @given(compact_case())
 def test_compact_matches_reference(case):
     gen = torch.Generator().manual_seed(case["seed"])
-    table, num_blocks = make_block_table(case["lengths"], case["block_size"], gen)
-    storage, key, value = make_caches(
-        case["layout"], num_blocks, case["block_size"], case["num_kv_heads"], case["head_dim"], case["dtype"], gen
-    )
+    requests, item_layers = zip(*case["items"])
+    request_table, num_blocks = make_block_table(case["lengths"], case["block_size"], gen)
+    storages, keys, values = layer_caches(case, num_blocks, gen)
     index_sets = 1 if case["shared"] else case["num_kv_heads"]
-    keep = build_keep_indices(case["lengths"], case["kept"], index_sets, gen)
+    table = request_table[list(requests)]
+    keep = build_keep_indices([case["lengths"][r] for r in requests], case["kept"], index_sets, gen)
     num_kept = torch.tensor(case["kept"], dtype=torch.int32)
+    layers = torch.tensor(item_layers, dtype=torch.int32)
+    before = [(key.clone(), value.clone()) for key, value in zip(keys, values)]
+
+    ref_storages = [storage.clone() for storage in storages]
+    ref_views = [cache_views(case["layout"], storage, case["block_size"], case["head_dim"]) for storage in ref_storages]
+    ref.compact([k for k, _ in ref_views], [v for _, v in ref_views], layers, table, keep, num_kept)
+
+    torch.ops.prefixkv.compact(keys, values, layers, table, keep, num_kept)
+    for layer in range(case["num_layers"]):
+        mine = [i for i, item_layer in enumerate(item_layers) if item_layer == layer]
+        kept = [case["kept"][i] for i in mine]
+        assert_compacted(keys[layer], values[layer], *before[layer], table[mine], keep[mine], kept)
+        # The reference leaves every other slot as it was, and so does the kernel.
+        assert torch.equal(bits(storages[layer]), bits(ref_storages[layer]))
+
+
+def test_compact_layers_sharing_one_tensor():
+    """vLLM's hybrid models give layers of different groups one raw tensor; their items own disjoint blocks."""
+    gen = torch.Generator().manual_seed(9)
+    table, num_blocks = make_block_table([40, 40], 8, gen)
+    storage, key, value = make_caches("flash_hnd", num_blocks, 8, 2, 16, torch.bfloat16, gen)
     key_before, value_before = key.clone(), value.clone()
-
-    ref_storage = storage.clone()
-    ref_key, ref_value = cache_views(case["layout"], ref_storage, case["block_size"], case["head_dim"])
-    ref.compact(ref_key, ref_value, table, keep, num_kept)
-
-    torch.ops.prefixkv.compact(key, value, table, keep, num_kept)
-    owned = {int(b) for r, n in enumerate(case["lengths"]) for b in table[r, : math.ceil(n / case["block_size"])]}
-    assert_compacted(key, value, key_before, value_before, table, keep, case["kept"], owned)
-    # The reference leaves every other slot as it was, and so does the kernel.
-    assert torch.equal(bits(storage), bits(ref_storage))
+    keep = build_keep_indices([40, 40], [12, 30], 2, gen)
+    num_kept = torch.tensor([12, 30], dtype=torch.int32)
+    layers = torch.tensor([0, 1], dtype=torch.int32)
+    pristine = storage.clone()
+    ref.compact([key, key], [value, value], layers, table, keep, num_kept)
+    ref_result = storage.clone()
+    storage.copy_(pristine)
+    torch.ops.prefixkv.compact([key, key], [value, value], layers, table, keep, num_kept)
+    assert_compacted(key, value, key_before, value_before, table, keep, [12, 30])
+    assert torch.equal(storage, ref_result)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -582,7 +620,7 @@ def test_compact_overlapping_shift_by_one(layout, shared):
     keep = torch.arange(1, n, dtype=torch.int32).view(1, 1, -1).repeat(1, 1 if shared else num_kv_heads, 1)
     num_kept = torch.tensor([n - 1], dtype=torch.int32)
     key_before, value_before = key.clone(), value.clone()
-    torch.ops.prefixkv.compact(key, value, table, keep, num_kept)
+    compact_one_layer(key, value, table, keep, num_kept)
     tokens_after = ref.paged_tokens(key, table[0], n - 1)
     tokens_before = ref.paged_tokens(key_before, table[0], n)
     assert torch.equal(tokens_after, tokens_before[1:])
@@ -598,7 +636,7 @@ def test_compact_identity_and_zero_kept_leave_cache_unchanged():
     keep = torch.zeros(2, 1, 40, dtype=torch.int32)
     keep[0, 0, :40] = torch.arange(40)
     num_kept = torch.tensor([40, 0], dtype=torch.int32)
-    torch.ops.prefixkv.compact(key, value, table, keep, num_kept)
+    compact_one_layer(key, value, table, keep, num_kept)
     assert torch.equal(storage, before)
 
 
@@ -608,7 +646,7 @@ def test_compact_per_head_selection_differs_per_head():
     _, key, value = make_caches("flash", num_blocks, 4, 2, 4, torch.float16, gen)
     key_before, value_before = key.clone(), value.clone()
     keep = torch.tensor([[[0, 5, 9], [2, 3, 7]]], dtype=torch.int32)
-    torch.ops.prefixkv.compact(key, value, table, keep, torch.tensor([3], dtype=torch.int32))
+    compact_one_layer(key, value, table, keep, torch.tensor([3], dtype=torch.int32))
     for g, idx in enumerate(([0, 5, 9], [2, 3, 7])):
         after = ref.paged_tokens(key, table[0], 3)[:, g]
         before = ref.paged_tokens(key_before, table[0], 10)[idx, g]
@@ -624,7 +662,7 @@ def test_compact_fp8_cache_moves_bytes():
     _, key, value = make_caches("cpu", num_blocks, 16, 2, 32, torch.float8_e4m3fn, gen)
     key_before = bits(key).clone()
     keep = torch.tensor([[[3, 4, 17, 18, 29]]], dtype=torch.int32)
-    torch.ops.prefixkv.compact(key, value, table, keep, torch.tensor([5], dtype=torch.int32))
+    compact_one_layer(key, value, table, keep, torch.tensor([5], dtype=torch.int32))
     after = ref.paged_tokens(bits(key), table[0], 5)
     assert torch.equal(after, ref.paged_tokens(key_before, table[0], 30)[[3, 4, 17, 18, 29]])
 
@@ -646,7 +684,7 @@ def _compact_args(keep, num_kept, table=None, dtype=torch.int32):
         ([[[-1, 1, 2]]], [3], "out of range"),
         ([[[0, 1, 2]]], [4], "num_kept[0] = 4"),
         ([[[0, 1, 2]]], [-1], "num_kept[0] = -1"),
-        ([[[0, 1, 2]], [[0, 1, 2]]], [3], "keep_indices must be [R, Hs, K]"),
+        ([[[0, 1, 2]], [[0, 1, 2]]], [3], "keep_indices must be [I, Hs, K]"),
         ([[[0, 1], [0, 1], [0, 1]]], [2], "keep_indices.shape[1] must be 1"),
     ],
 )
@@ -654,7 +692,7 @@ def test_compact_rejects_bad_indices_without_writing(keep, num_kept, message):
     storage, key, value, table, keep_t, kept_t = _compact_args(keep, num_kept)
     before = storage.clone()
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        torch.ops.prefixkv.compact(key, value, table, keep_t, kept_t)
+        compact_one_layer(key, value, table, keep_t, kept_t)
     assert torch.equal(storage, before)
 
 
@@ -665,7 +703,7 @@ def test_compact_later_request_error_leaves_earlier_requests_untouched():
     before = storage.clone()
     keep = torch.tensor([[[2, 3, 5]], [[4, 4, 6]]], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="strictly increasing"):
-        torch.ops.prefixkv.compact(key, value, table, keep, torch.tensor([3, 3], dtype=torch.int32))
+        compact_one_layer(key, value, table, keep, torch.tensor([3, 3], dtype=torch.int32))
     assert torch.equal(storage, before)
 
 
@@ -674,8 +712,8 @@ def test_compact_later_request_error_leaves_earlier_requests_untouched():
     [
         ("keep_int64", "keep_indices must be int32"),
         ("table_int64", "block_table must be int32"),
-        ("value_dtype", "value_cache dtype"),
-        ("value_shape", "value_cache shape"),
+        ("value_dtype", "value_caches dtype"),
+        ("value_shape", "value_caches shape"),
         ("bad_block_id", "out of range"),
     ],
 )
@@ -694,5 +732,58 @@ def test_compact_rejects_bad_arguments(what, message):
         keep = torch.tensor([[[1, 5, 6]]], dtype=torch.int32)
     before = storage.clone()
     with pytest.raises(RuntimeError, match=re.escape(message)):
-        torch.ops.prefixkv.compact(key, value, table, keep, num_kept)
+        compact_one_layer(key, value, table, keep, num_kept)
     assert torch.equal(storage, before)
+
+
+def _two_layers():
+    """Two layers of one layout, one item in each (request 0 in layer 0, in layer 1 too)."""
+    storage, key, value, table, keep, num_kept = _compact_args([[[1, 2, 3]], [[0, 2, 5]]], [3, 3], table=torch.tensor([[0, 1, 2, 3]] * 2, dtype=torch.int32))
+    other = storage.clone()
+    other_key, other_value = cache_views("cpu", other, 4, 8)
+    return [storage, other], [key, other_key], [value, other_value], table, keep, num_kept
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("layer_out_of_range", "layers[1] = 2 is out of range [0, 2)"),
+        ("negative_layer", "layers[0] = -1 is out of range"),
+        ("layers_length", "layers must have I = 2 entries"),
+        ("layers_int64", "layers must be int32"),
+        ("later_item_bad", "strictly increasing"),
+        ("key_shape_differs", "key_caches[1] (shape"),
+        ("key_strides_differ", "key_caches[1] (shape"),
+        ("value_dtype_differs", "value_caches[1] (shape"),
+        ("list_lengths", "2 key_caches but 1 value_caches"),
+        ("no_layers", "key_caches must hold at least one layer"),
+    ],
+)
+def test_compact_rejects_bad_layers_without_writing_any_layer(what, message):
+    storages, keys, values, table, keep, num_kept = _two_layers()
+    layers = torch.tensor([0, 1], dtype=torch.int32)
+    if what == "layer_out_of_range":
+        layers = torch.tensor([0, 2], dtype=torch.int32)
+    elif what == "negative_layer":
+        layers = torch.tensor([-1, 1], dtype=torch.int32)
+    elif what == "layers_length":
+        layers = torch.tensor([0], dtype=torch.int32)
+    elif what == "layers_int64":
+        layers = layers.long()
+    elif what == "later_item_bad":
+        keep = torch.tensor([[[1, 2, 3]], [[0, 5, 5]]], dtype=torch.int32)
+    elif what == "key_shape_differs":
+        keys[1] = keys[1][:4]
+    elif what == "key_strides_differ":
+        keys[1] = keys[1].contiguous()
+    elif what == "value_dtype_differs":
+        values[1] = values[1].to(torch.float16)
+    elif what == "list_lengths":
+        values = values[:1]
+    elif what == "no_layers":
+        keys, values = [], []
+    before = [storage.clone() for storage in storages]
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        torch.ops.prefixkv.compact(keys, values, layers, table, keep, num_kept)
+    for storage, original in zip(storages, before):
+        assert torch.equal(storage, original)

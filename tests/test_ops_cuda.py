@@ -19,6 +19,7 @@ from .test_ops_cpu import (
     cache_views,
     compact_case,
     importance_case,
+    layer_caches,
     make_block_table,
     make_caches,
 )
@@ -74,7 +75,7 @@ def test_tiled_views_are_cpu_only():
     table = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
     keep = torch.zeros(1, 1, 1, dtype=torch.int32, device="cuda")
     with pytest.raises(RuntimeError, match="tiled views are CPU cache layouts"):
-        torch.ops.prefixkv.compact(key.cuda(), value.cuda(), table, keep, torch.ones(1, dtype=torch.int32, device="cuda"))
+        one_layer_compact(key.cuda(), value.cuda(), table, keep, torch.ones(1, dtype=torch.int32, device="cuda"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -96,6 +97,20 @@ def test_importance_cuda_model_shapes(dtype, head_dim, group, pass_lse):
         temperature=2.0,
         pass_lse=pass_lse,
         seed=head_dim * 10 + group,
+    )
+    actual, expected = importance_both_ways(case, pass_lse)
+    torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # tensor-core and SIMT lse passes
+@pytest.mark.parametrize("pass_lse", [False, True])
+def test_importance_cuda_window_over_long_prompts(dtype, pass_lse):
+    """The server's call: the last 32 queries of long prompts, the lse pass split over keys
+    (a handful of query tiles cannot fill the GPU), and a short prompt with its window inside."""
+    case = dict(
+        layout="flash_hnd", dtype=dtype, num_kv_heads=2, num_q_heads=8, head_dim=128, block_size=16,
+        seq_lens=[8192, 3000, 40], q_lens=[32, 32, 40], min_pos=[8160, 2968, 8], temperature=2.0,
+        pass_lse=pass_lse, seed=8,
     )
     actual, expected = importance_both_ways(case, pass_lse)
     torch.testing.assert_close(actual, expected, rtol=2e-3, atol=2e-4)
@@ -127,24 +142,31 @@ def test_strided_head_dim_is_rejected_on_cuda():
     _, key, value = make_caches("vllm_cpu", num_blocks, 16, 2, 32, torch.bfloat16, gen)
     keep = build_keep_indices([20], [4], 1, gen)
     with pytest.raises(RuntimeError, match="head_dim must be contiguous on CUDA"):
-        torch.ops.prefixkv.compact(key.cuda(), value.cuda(), table.cuda(), keep.cuda(), torch.tensor([4], dtype=torch.int32, device="cuda"))
+        one_layer_compact(key.cuda(), value.cuda(), table.cuda(), keep.cuda(), torch.tensor([4], dtype=torch.int32, device="cuda"))
+
+
+def one_layer_compact(key, value, table, keep, num_kept):
+    layers = torch.zeros(num_kept.numel(), dtype=torch.int32, device=num_kept.device)
+    torch.ops.prefixkv.compact([key], [value], layers, table, keep, num_kept)
 
 
 def compact_both_ways(case):
-    """(CUDA storage after, reference storage after) for one compaction case."""
+    """(CUDA storages after, reference storages after), one per layer, for one compaction case."""
     gen = torch.Generator().manual_seed(case["seed"])
-    table, num_blocks = make_block_table(case["lengths"], case["block_size"], gen)
-    storage, _, _ = make_caches(
-        case["layout"], num_blocks, case["block_size"], case["num_kv_heads"], case["head_dim"], case["dtype"], gen
-    )
-    keep = build_keep_indices(case["lengths"], case["kept"], 1 if case["shared"] else case["num_kv_heads"], gen)
+    requests, item_layers = zip(*case["items"])
+    request_table, num_blocks = make_block_table(case["lengths"], case["block_size"], gen)
+    storages, _, _ = layer_caches(case, num_blocks, gen)
+    table = request_table[list(requests)]
+    keep = build_keep_indices([case["lengths"][r] for r in requests], case["kept"], 1 if case["shared"] else case["num_kv_heads"], gen)
     num_kept = torch.tensor(case["kept"], dtype=torch.int32)
-    expected = storage.clone()
-    ref.compact(*cache_views(case["layout"], expected, case["block_size"], case["head_dim"]), table, keep, num_kept)
-    device_storage = storage.cuda()
-    key, value = cache_views(case["layout"], device_storage, case["block_size"], case["head_dim"])
-    torch.ops.prefixkv.compact(key, value, table.cuda(), keep.cuda(), num_kept.cuda())
-    return device_storage.cpu(), expected
+    layers = torch.tensor(item_layers, dtype=torch.int32)
+    expected = [storage.clone() for storage in storages]
+    views = [cache_views(case["layout"], storage, case["block_size"], case["head_dim"]) for storage in expected]
+    ref.compact([k for k, _ in views], [v for _, v in views], layers, table, keep, num_kept)
+    on_device = [storage.cuda() for storage in storages]
+    views = [cache_views(case["layout"], storage, case["block_size"], case["head_dim"]) for storage in on_device]
+    torch.ops.prefixkv.compact([k for k, _ in views], [v for _, v in views], *to_cuda((layers, table, keep, num_kept)))
+    return [storage.cpu() for storage in on_device], expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -152,20 +174,31 @@ def compact_both_ways(case):
 def test_compact_cuda_matches_reference(case):
     if case["layout"] not in CUDA_LAYOUTS:
         case["layout"] = "flash_hnd"
-    actual, expected = compact_both_ways(case)
-    assert torch.equal(bits(actual), bits(expected))
+    for actual, expected in zip(*compact_both_ways(case)):
+        assert torch.equal(bits(actual), bits(expected))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8, torch.float32])  # uint8: fp8 caches' bytes
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_compact_cuda_model_shapes(dtype, head_dim):
-    """Long prompts (several shared-memory tiles per head) in FlashAttention's layout."""
+    """Long prompts (several shared-memory tiles of the in-order head per KV head, many tail chunks)
+    over three layers in FlashAttention's layout; the shift by one is all head, in one in-order walk."""
     case = dict(
-        layout="flash_hnd", dtype=dtype, num_kv_heads=8, block_size=16, head_dim=head_dim,
-        lengths=[3000, 517, 64], kept=[600, 517, 1], shared=False, seed=head_dim,
+        layout="flash_hnd", dtype=dtype, num_kv_heads=8, block_size=16, head_dim=head_dim, num_layers=3,
+        lengths=[3000, 517, 64], items=[(0, 0), (1, 0), (2, 0), (0, 2), (1, 1), (2, 2)],
+        kept=[600, 517, 1, 2900, 300, 63], shared=False, seed=head_dim,
     )
-    actual, expected = compact_both_ways(case)
-    assert torch.equal(bits(actual), bits(expected))
+    for actual, expected in zip(*compact_both_ways(case)):
+        assert torch.equal(bits(actual), bits(expected))
+    gen = torch.Generator().manual_seed(1)
+    table, num_blocks = make_block_table([3000], 16, gen)
+    storage, key, value = make_caches("flash_hnd", num_blocks, 16, 8, head_dim, dtype, gen)
+    keep = torch.arange(1, 3000, dtype=torch.int32).view(1, 1, -1)
+    expected = storage.clone()
+    ref.compact(*[[view] for view in cache_views("flash_hnd", expected, 16, head_dim)], torch.zeros(1, dtype=torch.int32), table, keep, torch.tensor([2999], dtype=torch.int32))
+    on_device = storage.cuda()
+    one_layer_compact(*cache_views("flash_hnd", on_device, 16, head_dim), *to_cuda((table, keep, torch.tensor([2999], dtype=torch.int32))))
+    assert torch.equal(bits(on_device.cpu()), bits(expected))
 
 
 def test_ops_replay_inside_a_cuda_graph():
@@ -197,11 +230,12 @@ def test_ops_replay_inside_a_cuda_graph():
     storage, _, _ = make_caches("flash_hnd", num_blocks, 16, 2, 128, torch.bfloat16, gen)
     keep = build_keep_indices([300, 90], [64, 32], 2, gen)
     num_kept = torch.tensor([64, 32], dtype=torch.int32)
+    layers = torch.zeros(2, dtype=torch.int32)
     expected = storage.clone()
-    ref.compact(*cache_views("flash_hnd", expected, 16, 128), table, keep, num_kept)
+    ref.compact(*[[view] for view in cache_views("flash_hnd", expected, 16, 128)], layers, table, keep, num_kept)
     device_storage = storage.cuda()
     key, value = cache_views("flash_hnd", device_storage, 16, 128)
-    compact_args = (key, value, table.cuda(), keep.cuda(), num_kept.cuda())
+    compact_args = ([key], [value], *to_cuda((layers, table, keep, num_kept)))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         torch.ops.prefixkv.compact(*compact_args)

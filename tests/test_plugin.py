@@ -291,6 +291,7 @@ def stand_in_runner(req_ids):
         parallel_config=SimpleNamespace(tensor_parallel_size=1),
         get_kv_cache_spec=dict, initialize_kv_cache=lambda *a: None,
         _update_states=lambda output: None, _build_attention_metadata=lambda *a: "metadata",
+        _model_forward=lambda **inputs: "hidden states",
     )
 
 
@@ -318,3 +319,14 @@ def test_the_step_is_handed_to_the_builders_only_while_the_runner_builds_metadat
     runner._build_attention_metadata()
     assert seen[0].req_ids == ["a", "b"] and seen[0].prompt_lens.tolist() == [64, 64]
     assert state.batch is None
+
+
+def test_the_steps_compactions_are_launched_once_the_model_forward_returns(monkeypatch):
+    monkeypatch.setattr(backends, "use_prefixkv_backend", lambda: None)
+    runner = stand_in_runner(["a"])
+    order = []
+    runner._model_forward = lambda **inputs: order.append("forward") or "hidden states"
+    state = bind_model_runner(runner, POLICY)
+    monkeypatch.setattr(state.moves, "flush", lambda: order.append("flush"))
+    assert runner._model_forward(input_ids=None) == "hidden states"
+    assert order == ["forward", "flush"]

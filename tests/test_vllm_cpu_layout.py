@@ -67,6 +67,6 @@ def test_paged_views_match_vllm_cache_writes(isa, cache_dtype, dtype, block_size
     # to slot 0 of token 0's block.
     two_blocks = torch.cat([table[0], table[1]])[None]
     keep = torch.tensor([[[block_size + int(offsets[1])]]], dtype=torch.int32)
-    ref.compact(keys, values, two_blocks, keep, torch.ones(1, dtype=torch.int32))
+    ref.compact([keys], [values], torch.zeros(1, dtype=torch.int32), two_blocks, keep, torch.ones(1, dtype=torch.int32))
     moved = ref.paged_tokens(paged_views(kv_cache, isa, cache_dtype)[0], two_blocks[0], 1)[0]
     assert torch.equal(moved.float(), read_keys[1].float())

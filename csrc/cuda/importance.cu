@@ -9,9 +9,11 @@
 // rows at the same column hit 32 different banks.
 //
 // Pass 1 (attention_lse_kernel, only when the caller has no lse): block =
-//   (32 queries of one sequence, one query head). Lane r owns query r and keeps
-//   an online (max, sum) over the keys its warp visits; key tiles of 32 are
-//   staged in shared memory and split across warps; warps are merged at the end.
+//   (32 queries of one sequence, one query head, one key split). Lane r owns
+//   query r and keeps an online (max, sum) over the keys its warp visits; key
+//   tiles of 32 are staged in shared memory and split across warps; warps are
+//   merged at the end. Few query tiles (a scored window) split the keys across
+//   blocks too (lse_split.cuh).
 // Pass 2 (importance_scores_kernel): block = (sequence, KV head), walking key
 //   tiles of 32 keys (grid-stride over tiles). Lane j owns key j of the tile
 //   and accumulates exp(scale * q.k - lse) over the group's query heads and the
@@ -34,6 +36,7 @@
 #include <cuda_runtime.h>
 
 #include "launchers.h"
+#include "lse_split.cuh"
 #include "tiling.cuh"
 
 namespace prefixkv {
@@ -48,6 +51,8 @@ constexpr int kLseThreads = kLseWarps * kWarpSize;
 constexpr int kScoreWarps = 8;
 constexpr int kScoreThreads = kScoreWarps * kWarpSize;
 constexpr size_t kDefaultSmemBytes = 48 * 1024;
+constexpr int64_t kMinSplitKeys = 256;  // keys per lse split, at least
+constexpr int64_t kMaxLseSplits = 64;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -113,17 +118,18 @@ __global__ void __launch_bounds__(kLseThreads)
   const int lane = threadIdx.x % kWarpSize;
   const bool lane_valid = lane < num_rows;
   const int my_pos = first_pos + row0 + lane;
-  // Keys 0..last_key are visible to some query of the tile (causal).
+  // Keys 0..last_key are visible to some query of the tile (causal); this block
+  // walks its split of them.
   const int last_key = first_pos + row0 + num_rows - 1;
-  const int num_keys = last_key + 1;
+  const KeyRange keys = split_keys(last_key + 1, kTile, blockIdx.z, static_cast<int>(p.lse_splits));
   const float scale = p.scale;
 
   // This warp's online softmax state for query `lane` over the keys it visits.
   float m = -INFINITY;
   float s = 0.f;
   const float* q_row = s_q + lane * ld;
-  for (int k0 = 0; k0 < num_keys; k0 += kTile) {
-    const int nk = min(kTile, num_keys - k0);
+  for (int k0 = keys.begin; k0 < keys.end; k0 += kTile) {
+    const int nk = min(kTile, keys.end - k0);
     __syncthreads();  // s_q is loaded / previous key tile fully consumed
     load_tile(s_k, ld, head_dim, nk,
               [&](int r) { return key_row(p, key_cache, bt_row, k0 + r, g); });
@@ -154,9 +160,7 @@ __global__ void __launch_bounds__(kLseThreads)
       const float sw = s_s[w * kTile + lane];
       if (sw != 0.f) sum += sw * expf(s_m[w * kTile + lane] - max_all);
     }
-    const int64_t t = static_cast<int64_t>(q_begin) + row0 + lane;
-    p.lse[static_cast<int64_t>(h) * p.lse_stride_head + t * p.lse_stride_token] =
-        sum == 0.f ? -INFINITY : max_all + logf(sum);  // NaN propagates
+    store_lse_state(p, h, static_cast<int64_t>(q_begin) + row0 + lane, blockIdx.z, max_all, sum);
   }
 }
 
@@ -274,9 +278,12 @@ cudaError_t launch_lse_typed(const ImportanceParams& p, cudaStream_t stream) {
   const size_t smem = lse_smem_bytes(p.head_dim);
   cudaError_t err = allow_dynamic_smem(attention_lse_kernel<QT, KT>, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(p.num_q_heads));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(p.num_q_heads),
+                  static_cast<unsigned>(p.lse_splits));
   attention_lse_kernel<QT, KT><<<grid, kLseThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_lse_combine<kTile>(p, grid_x, stream);
 }
 
 template <typename QT, typename KT>
@@ -341,9 +348,27 @@ cudaError_t dispatch_types(ScalarKind query_kind, ScalarKind key_kind, F&& f) {
 
 }  // namespace
 
+int64_t attention_lse_splits(const ImportanceParams& p) {
+  int num_sms = 0;
+  if (check_shapes(p) != cudaSuccess || multiprocessor_count(&num_sms) != cudaSuccess) return 1;
+  const int64_t rows = mma_importance_supported(p) ? kMmaTileRows : kTile;
+  const int64_t blocks = (p.num_tokens / rows + p.num_seqs) * p.num_q_heads;  // num_query_tile_slots
+  // A few resident blocks per SM; no split shorter than kMinSplitKeys keys.
+  const int64_t target = static_cast<int64_t>(num_sms) * 4;
+  if (blocks <= 0 || blocks >= target) return 1;
+  int64_t splits = (target + blocks - 1) / blocks;
+  const int64_t longest = (p.max_keys + kMinSplitKeys - 1) / kMinSplitKeys;
+  if (splits > longest) splits = longest;
+  if (splits > kMaxLseSplits) splits = kMaxLseSplits;
+  return splits < 1 ? 1 : splits;
+}
+
 cudaError_t launch_attention_lse(const ImportanceParams& p, cudaStream_t stream) {
   const cudaError_t err = check_shapes(p);
   if (err != cudaSuccess) return err;
+  if (p.lse_splits < 1 || p.lse_splits > kMaxLseSplits || (p.lse_splits > 1 && p.lse_partials == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   if (mma_importance_supported(p)) return launch_attention_lse_mma(p, stream);
   return dispatch_types(p.query_kind, p.key_kind, [&](auto* q_tag, auto* k_tag) {
     using QT = std::remove_pointer_t<decltype(q_tag)>;

@@ -10,8 +10,9 @@
 // so the per-row reductions stay in registers until the resident tile is done:
 //
 // Pass 1 (attention_lse_mma_kernel): block = (64 queries of one sequence, one
-//   query head). Per query row each lane keeps an online (max, sum) in base 2
-//   over its key columns; warps combine lanes with shuffles at the end.
+//   query head, one key split: lse_split.cuh). Per query row each lane keeps an
+//   online (max, sum) in base 2 over its key columns; warps combine lanes with
+//   shuffles at the end.
 // Pass 2 (importance_scores_mma_kernel): block = (sequence, KV head), walking
 //   key tiles of 64 with a grid stride. Per key row each lane sums
 //   exp2(logit * scale * log2 e - lse * log2 e) over its query columns, for
@@ -34,6 +35,7 @@
 #include <mma.h>
 
 #include "launchers.h"
+#include "lse_split.cuh"
 #include "tiling.cuh"
 
 namespace prefixkv {
@@ -45,6 +47,7 @@ constexpr int kFrag = 16;                  // WMMA tile edge
 constexpr int kWarps = 4;                  // one 16-row slice of the resident tile each
 constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kResidentRows = kWarps * kFrag;
+static_assert(kResidentRows == kMmaTileRows, "attention_lse_splits counts tiles of kMmaTileRows");
 constexpr int kStreamedRows = 2 * kWarpSize;  // lane l owns columns l and l + 32
 constexpr int kRowPad = 8;                 // 16 bytes per staged row against bank conflicts
 constexpr int kLogitLd = kStreamedRows + 4;  // floats; store_matrix_sync needs a multiple of 4
@@ -180,7 +183,9 @@ __global__ void __launch_bounds__(kThreads) attention_lse_mma_kernel(const Impor
   const int lane = threadIdx.x % kWarpSize;
   const float scale2 = p.scale * kLog2e;
   const int warp_pos0 = first_pos + row0 + warp * kFrag;  // position of the warp's first row
-  const int num_keys = first_pos + row0 + num_rows;      // keys up to the tile's last query
+  // Keys up to the tile's last query; this block walks its split of them.
+  const KeyRange keys = split_keys(first_pos + row0 + num_rows, kStreamedRows, blockIdx.z,
+                                   static_cast<int>(p.lse_splits));
   const float* my_logits = s.logits + warp * kFrag * kLogitLd;
 
   float m[kFrag];
@@ -190,8 +195,8 @@ __global__ void __launch_bounds__(kThreads) attention_lse_mma_kernel(const Impor
     m[r] = -INFINITY;
     l[r] = 0.f;
   }
-  for (int k0 = 0; k0 < num_keys; k0 += kStreamedRows) {
-    const int nk = min(kStreamedRows, num_keys - k0);
+  for (int k0 = keys.begin; k0 < keys.end; k0 += kStreamedRows) {
+    const int nk = min(kStreamedRows, keys.end - k0);
     __syncthreads();  // the query tile is staged / every warp is done with the last key tile
     stage_rows(s.streamed, s.ld, head_dim, kStreamedRows, nk,
                [&](int r) { return key_row(p, key_cache, bt_row, k0 + r, g); });
@@ -218,10 +223,8 @@ __global__ void __launch_bounds__(kThreads) attention_lse_mma_kernel(const Impor
   for (int r = 0; r < kFrag; ++r) {
     warp_merge_softmax(m[r], l[r]);
     const int row = warp * kFrag + r;
-    if (lane == 0 && row < num_rows) {
-      const int64_t t = static_cast<int64_t>(q_begin) + row0 + row;
-      p.lse[static_cast<int64_t>(h) * p.lse_stride_head + t * p.lse_stride_token] =
-          l[r] == 0.f ? -INFINITY : (m[r] + log2f(l[r])) * kLn2;  // NaN propagates
+    if (lane == 0 && row < num_rows) {  // l is a sum of exp2(x2 - m2) = exp(x - m2 * ln 2)
+      store_lse_state(p, h, static_cast<int64_t>(q_begin) + row0 + row, blockIdx.z, m[r] * kLn2, l[r]);
     }
   }
 #endif
@@ -333,9 +336,12 @@ cudaError_t launch_lse_typed(const ImportanceParams& p, cudaStream_t stream) {
   const size_t smem = smem_bytes(p.head_dim);
   const cudaError_t err = allow_dynamic_smem(attention_lse_mma_kernel<T>, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(p.num_q_heads));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(p.num_q_heads),
+                  static_cast<unsigned>(p.lse_splits));
   attention_lse_mma_kernel<T><<<grid, kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess) return launched;
+  return launch_lse_combine<kResidentRows>(p, grid_x, stream);
 }
 
 template <typename T>

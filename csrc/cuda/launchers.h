@@ -68,6 +68,12 @@ struct ImportanceParams {
   int64_t lse_stride_head = 0;
   int64_t lse_stride_token = 0;
 
+  // Key splits of the lse pass (lse_split.cuh): with lse_splits > 1,
+  // launch_attention_lse writes partial states to lse_partials (2 * lse_splits *
+  // Hq * T floats, scratch) and merges them into lse. attention_lse_splits picks it.
+  float* lse_partials = nullptr;
+  int64_t lse_splits = 1;
+
   int64_t num_tokens = 0;    // T (query.size(0)); may exceed query_start_loc[B]
   int64_t num_seqs = 0;      // B
   int64_t num_q_heads = 0;   // Hq (a multiple of Hkv)
@@ -79,8 +85,13 @@ struct ImportanceParams {
 };
 
 // Pass 1: lse[h, t] = causal row log-sum-exp of scale * q_t,h . k_j over keys
-// j <= position(t). Tokens t >= query_start_loc[B] (padding) are not written.
+// j <= position(t). Tokens t >= query_start_loc[B] (padding) are not written, nor
+// are the query tiles wholly below min_query_pos (the score pass reads none).
 cudaError_t launch_attention_lse(const ImportanceParams& p, cudaStream_t stream);
+
+// Key splits for pass 1 on the current device (1 when its query tiles alone fill
+// the SMs): a scored window of a few queries over a long prompt gets many.
+int64_t attention_lse_splits(const ImportanceParams& p);
 
 // Pass 2: scores[b, g, j] += sum over scored queries i of
 // mean_{h in group g} exp(scale * q_i,h . k_j - lse[h, i]) (causal, position(i)
@@ -96,49 +107,60 @@ cudaError_t launch_attention_lse_mma(const ImportanceParams& p, cudaStream_t str
 cudaError_t launch_importance_scores_mma(const ImportanceParams& p, int num_sms,
                                          cudaStream_t stream);
 
+// One call moves a whole step: items are (request, layer) pairs. Every layer's
+// caches share one layout (strides, element size), so only the base pointers
+// differ; they travel in the kernel arguments (no device table to upload, so the
+// launch stays free of host-device copies). 2 * 128 pointers keep the arguments
+// within the classic 4 KB limit.
+constexpr int kMaxCompactLayers = 128;
+
+struct CompactCacheLayout {
+  // Strides in elements; element_size in bytes. Caches are moved byte-wise, so any
+  // element type works (including fp8).
+  int64_t element_size = 0;
+  int64_t stride_block = 0;
+  int64_t stride_slot = 0;
+  int64_t stride_head = 0;
+  int64_t head_dim = 0;
+};
+
 struct CompactParams {
-  // Caches are moved byte-wise, so any element type works (including fp8).
-  // Strides are in elements; element_size is in bytes.
-  void* key_cache = nullptr;
-  int64_t k_element_size = 0;
-  int64_t k_stride_block = 0;
-  int64_t k_stride_slot = 0;
-  int64_t k_stride_head = 0;
-  int64_t k_head_dim = 0;
+  void* key_caches[kMaxCompactLayers] = {};
+  void* value_caches[kMaxCompactLayers] = {};
+  int64_t num_layers = 0;  // L; items whose layer is outside [0, L) are skipped
+  CompactCacheLayout keys;
+  CompactCacheLayout values;
 
-  void* value_cache = nullptr;
-  int64_t v_element_size = 0;
-  int64_t v_stride_block = 0;
-  int64_t v_stride_slot = 0;
-  int64_t v_stride_head = 0;
-  int64_t v_head_dim = 0;
+  // layers [I] int32, contiguous: the layer of each item.
+  const int32_t* layers = nullptr;
 
-  // block_table [R, max_blocks] int32.
+  // block_table [I, max_blocks] int32.
   const int32_t* block_table = nullptr;
   int64_t bt_stride_row = 0;
   int64_t bt_stride_col = 0;
 
-  // keep_indices [R, Hs, K] int32 with Hs == 1 (shared) or Hs == Hkv.
+  // keep_indices [I, Hs, K] int32 with Hs == 1 (shared) or Hs == Hkv.
   const int32_t* keep_indices = nullptr;
   int64_t ki_stride_req = 0;
   int64_t ki_stride_head = 0;
   int64_t ki_stride_pos = 0;
 
-  // num_kept [R] int32, contiguous. Values are clamped to [0, K] on device.
+  // num_kept [I] int32, contiguous. Values are clamped to [0, K] on device.
   const int32_t* num_kept = nullptr;
 
-  int64_t num_requests = 0;     // R
+  int64_t num_items = 0;        // I
   int64_t num_kv_heads = 0;     // Hkv
   int64_t num_keep_heads = 0;   // Hs
   int64_t max_keep = 0;         // K
   int64_t block_size = 0;
   int64_t max_blocks = 0;       // block_table.size(1)
-  int64_t num_blocks = 0;       // key_cache.size(0); block ids outside [0, num_blocks) are skipped
+  int64_t num_blocks = 0;       // caches' size(0); block ids outside [0, num_blocks) are skipped
 };
 
-// For every request r and KV head g: token slot t < num_kept[r] of head g
-// receives what slot keep_indices[r, Hs == 1 ? 0 : g, t] held before, for keys
-// and values, in place. Overlap-safe (see compact.cu).
+// For every item i and KV head g: token slot t < num_kept[i] of head g receives
+// what slot keep_indices[i, Hs == 1 ? 0 : g, t] held before, for keys and values
+// of layer layers[i], in place. Two kernels in stream order; overlap-safe (see
+// compact.cu).
 cudaError_t launch_compact(const CompactParams& p, cudaStream_t stream);
 
 }  // namespace cuda

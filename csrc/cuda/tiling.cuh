@@ -10,6 +10,8 @@
 namespace prefixkv {
 namespace cuda {
 
+constexpr int kMmaTileRows = 64;  // rows of the tensor-core kernels' resident tile
+
 // Paged key row (token position `pos`, KV head `g`) of one sequence.
 template <typename KT>
 __device__ __forceinline__ const KT* key_row(const ImportanceParams& p, const KT* key_cache,

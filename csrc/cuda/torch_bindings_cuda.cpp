@@ -8,7 +8,8 @@
 // max_keys and block_table width, block ids, keep_indices order and range,
 // num_kept) are not validated here; the kernels trust them. They only guard
 // their writes: importance never writes scores at j >= max_keys, compact clamps
-// num_kept to K and skips tokens whose position or block id is out of range.
+// num_kept to K and skips items whose layer, and tokens whose position or block
+// id, is out of range.
 #include <optional>
 
 #include <ATen/ATen.h>
@@ -124,41 +125,59 @@ void importance_cuda(const at::Tensor& query, const at::Tensor& key_cache,
   p.max_keys = scores.size(2);
   p.scale = static_cast<float>(scale);
 
-  if (compute_lse) check_launch(cuda::launch_attention_lse(p, stream), kOp);
+  at::Tensor lse_partials;  // kept alive until the launches are enqueued (caching allocator)
+  if (compute_lse) {
+    p.lse_splits = cuda::attention_lse_splits(p);
+    if (p.lse_splits > 1) {
+      lse_partials = at::empty({2, p.lse_splits, num_q_heads, num_tokens}, query.options().dtype(at::kFloat));
+      p.lse_partials = lse_partials.data_ptr<float>();
+    }
+    check_launch(cuda::launch_attention_lse(p, stream), kOp);
+  }
   check_launch(cuda::launch_importance_scores(p, stream), kOp);
 }
 
-void compact_cuda(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& block_table,
-                  const at::Tensor& keep_indices, const at::Tensor& num_kept) {
-  constexpr const char* kOp = "prefixkv.compact";
-  check_compact_args(key_cache, value_cache, block_table, keep_indices, num_kept);
+cuda::CompactCacheLayout compact_layout(const at::Tensor& cache) {
+  cuda::CompactCacheLayout c;
+  c.element_size = cache.element_size();
+  c.stride_block = cache.stride(0);
+  c.stride_slot = cache.stride(1);
+  c.stride_head = cache.stride(2);
+  c.head_dim = cache.size(3);
+  return c;
+}
 
-  // check_compact_args has checked devices, dims, dtypes, matching key/value
-  // shapes and the R / Hs sizes.
-  check_contiguous_head_dim(key_cache, kOp, "key_cache");
-  check_contiguous_head_dim(value_cache, kOp, "value_cache");
-  const at::Device device = key_cache.device();
+void compact_cuda(at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& layers,
+                  const at::Tensor& block_table, const at::Tensor& keep_indices,
+                  const at::Tensor& num_kept) {
+  constexpr const char* kOp = "prefixkv.compact";
+  check_compact_args(key_caches, value_caches, layers, block_table, keep_indices, num_kept);
+
+  // check_compact_args has checked devices, dims, dtypes, that every layer shares
+  // the first one's layout, matching key/value shapes and the I / Hs sizes.
+  check_contiguous_head_dim(key_caches[0], kOp, "key_caches");
+  check_contiguous_head_dim(value_caches[0], kOp, "value_caches");
+  const int64_t num_layers = static_cast<int64_t>(key_caches.size());
+  TORCH_CHECK(num_layers <= cuda::kMaxCompactLayers, kOp, ": at most ", cuda::kMaxCompactLayers,
+              " layers per call on CUDA, got ", num_layers);
+  const at::Device device = key_caches[0].device();
   TORCH_INTERNAL_ASSERT(device.is_cuda());
-  const int64_t num_requests = num_kept.numel();
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
+  const at::Tensor layer_ids = layers.contiguous();
   const at::Tensor kept = num_kept.contiguous();
 
   cuda::CompactParams p;
-  p.key_cache = key_cache.data_ptr();
-  p.k_element_size = key_cache.element_size();
-  p.k_stride_block = key_cache.stride(0);
-  p.k_stride_slot = key_cache.stride(1);
-  p.k_stride_head = key_cache.stride(2);
-  p.k_head_dim = key_cache.size(3);
-  p.value_cache = value_cache.data_ptr();
-  p.v_element_size = value_cache.element_size();
-  p.v_stride_block = value_cache.stride(0);
-  p.v_stride_slot = value_cache.stride(1);
-  p.v_stride_head = value_cache.stride(2);
-  p.v_head_dim = value_cache.size(3);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    p.key_caches[l] = key_caches[l].data_ptr();
+    p.value_caches[l] = value_caches[l].data_ptr();
+  }
+  p.num_layers = num_layers;
+  p.keys = compact_layout(key_caches[0]);
+  p.values = compact_layout(value_caches[0]);
+  p.layers = layer_ids.data_ptr<int32_t>();
   p.block_table = block_table.data_ptr<int32_t>();
   p.bt_stride_row = block_table.stride(0);
   p.bt_stride_col = block_table.stride(1);
@@ -167,13 +186,13 @@ void compact_cuda(at::Tensor& key_cache, at::Tensor& value_cache, const at::Tens
   p.ki_stride_head = keep_indices.stride(1);
   p.ki_stride_pos = keep_indices.stride(2);
   p.num_kept = kept.data_ptr<int32_t>();
-  p.num_requests = num_requests;
-  p.num_kv_heads = key_cache.size(2);
+  p.num_items = num_kept.numel();
+  p.num_kv_heads = key_caches[0].size(2);
   p.num_keep_heads = keep_indices.size(1);
   p.max_keep = keep_indices.size(2);
-  p.block_size = key_cache.size(1);
+  p.block_size = key_caches[0].size(1);
   p.max_blocks = block_table.size(1);
-  p.num_blocks = key_cache.size(0);
+  p.num_blocks = key_caches[0].size(0);
 
   check_launch(cuda::launch_compact(p, stream), kOp);
 }

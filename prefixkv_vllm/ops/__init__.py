@@ -59,14 +59,15 @@ def importance(
 
 
 def compact(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
+    layers: torch.Tensor,
     block_table: torch.Tensor,
     keep_indices: torch.Tensor,
     num_kept: torch.Tensor,
 ) -> None:
-    """Move kept tokens to the front of each request's blocks in place; see ``reference.compact``."""
-    torch.ops.prefixkv.compact(key_cache, value_cache, block_table, keep_indices, num_kept)
+    """Move every item's kept tokens to the front of its block list in place, all layers at once; see ``reference.compact``."""
+    torch.ops.prefixkv.compact(list(key_caches), list(value_caches), layers, block_table, keep_indices, num_kept)
 
 
 __all__ = ["compact", "importance", "paged_shape", "reference"]

@@ -133,39 +133,47 @@ def importance(
 
 
 def compact(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    key_caches: list[torch.Tensor],
+    value_caches: list[torch.Tensor],
+    layers: torch.Tensor,
     block_table: torch.Tensor,
     keep_indices: torch.Tensor,
     num_kept: torch.Tensor,
 ) -> None:
-    """Move each request's kept tokens to the front of its block list, in place.
+    """Move each item's kept tokens to the front of its block list, in place.
+
+    One call moves a whole step: every layer, and every request compacting in it.
 
     Args:
-        key_cache, value_cache: paged views (see module doc), written in place.
-        block_table: ``[R, max_blocks]`` int32, one row per request.
-        keep_indices: ``[R, Hs, K]`` int32 token positions to keep, strictly
-            increasing along the last dim for the first ``num_kept[r]`` entries.
+        key_caches, value_caches: ``L`` paged views each (see module doc), written in
+            place; layer ``l`` is ``(key_caches[l], value_caches[l])``. All key views share
+            one shape, dtype and strides, and so do all value views.
+        layers: ``[I]`` int32, the layer of each item (an item is a request in a layer).
+        block_table: ``[I, max_blocks]`` int32, the item's block list in its layer.
+        keep_indices: ``[I, Hs, K]`` int32 token positions to keep, strictly
+            increasing along the last dim for the first ``num_kept[i]`` entries.
             ``Hs == 1`` keeps the same tokens in every KV head; ``Hs == Hkv`` selects
             per KV head (same count in each head).
-        num_kept: ``[R]`` int32.
+        num_kept: ``[I]`` int32.
 
-    After the call, token slot ``t < num_kept[r]`` of head ``g`` holds what slot
-    ``keep_indices[r, g or 0, t]`` held before. Other slots are unspecified.
+    After the call, token slot ``t < num_kept[i]`` of head ``g`` of item ``i`` holds
+    what slot ``keep_indices[i, g or 0, t]`` held before. Other slots are unspecified.
+    Items must touch disjoint memory (different blocks, or different layers' caches).
     """
-    _, _, num_kv_heads, _ = paged_shape(key_cache)
+    _, _, num_kv_heads, _ = paged_shape(key_caches[0])
     shared = keep_indices.shape[1] == 1
-    caches = (tiled(key_cache), tiled(value_cache))
-    for r in range(num_kept.numel()):
-        count = int(num_kept[r])
+    for i in range(num_kept.numel()):
+        count = int(num_kept[i])
         if count == 0:
             continue
+        layer = int(layers[i])
+        caches = (tiled(key_caches[layer]), tiled(value_caches[layer]))
         for g in range(num_kv_heads):
-            src = keep_indices[r, 0 if shared else g, :count].to(torch.long)
+            src = keep_indices[i, 0 if shared else g, :count].to(torch.long)
             dst = torch.arange(count, device=src.device)
             for cache in caches:
-                gathered = cache[(*_slot_index(cache, block_table[r], src), g)].clone()
-                cache[(*_slot_index(cache, block_table[r], dst), g)] = gathered
+                gathered = cache[(*_slot_index(cache, block_table[i], src), g)].clone()
+                cache[(*_slot_index(cache, block_table[i], dst), g)] = gathered
 
 
 def _causal_logits(q, key_cache, block_ids, seq_len, group, scale):

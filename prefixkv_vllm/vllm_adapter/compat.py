@@ -85,6 +85,8 @@ INTERNALS = (
              "logits_indices=None, max_num_sampled_tokens=None, use_spec_decode=False, for_cudagraph_capture=False, "
              "num_scheduled_tokens=None, slot_mappings=None)",
              "wrapped: hands the step's prompt lengths and budgets to the builders"),  # fmt: skip
+    Internal(_RUNNER, "_model_forward", "(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None, **model_kwargs)",
+             "wrapped: launches the step's compactions, every layer's, once the forward is done"),  # fmt: skip
     Internal("vllm.platforms.cpu:CpuPlatform", "get_attn_backend_cls", "(selected_backend, attn_selector_config, num_heads=None)",
              "wrapped: the CPU platform otherwise ignores a CUSTOM backend"),  # fmt: skip
     Internal("vllm.v1.attention.backends.registry", "register_backend", "(backend, class_path=None, is_mamba=False)",

@@ -14,8 +14,10 @@ contract shared with the scheduler):
   round comes), and so get compacted.
 
 ``after_attention`` (called by the attention impl, per layer, after the stock
-kernel ran) scores and compacts. Both only prepare and call
-the ``torch.ops.prefixkv`` ops, which exist for CPU and CUDA.
+kernel ran) scores, and selects what the compacting rows keep; the moves of every
+layer wait in the runner's ``worker_state.PendingMoves``, which the model-runner
+hook launches as one ``ops.compact`` once the model's forward is done. Both only
+prepare and call the ``torch.ops.prefixkv`` ops, which exist for CPU and CUDA.
 
 ``PrefixKVBuilderMixin`` and ``PrefixKVImplMixin`` wrap a stock backend's
 builder and impl with these two steps; a backend file only says how to view
@@ -38,7 +40,7 @@ from ...config import PrefixKVConfig
 from ...policy import KVPolicy, Protection, select_tokens
 from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks
 from ..kv_spec import PrefixKVAttentionSpec
-from ..worker_state import BatchInfo, RequestStore, WorkerState, policy_for
+from ..worker_state import BatchInfo, LayerMove, PendingMoves, RequestStore, WorkerState, policy_for
 
 
 @dataclass
@@ -84,6 +86,7 @@ class StepWork:
     layout: PagedLayout
     store: RequestStore  # the model runner's (``worker_state``)
     mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None  # the model runner's (``worker_state``)
+    moves: PendingMoves  # the model runner's: the step's compactions, launched after the forward
     req_ids: list[str]
     prompt_lens: list[int]
     kept_prompt_blocks: list[int]
@@ -180,6 +183,7 @@ def plan_step(
             layout=spec.layout,
             store=state.store,
             mean_over_ranks=state.mean_over_ranks,
+            moves=state.moves,
             req_ids=batch.req_ids[:known],
             prompt_lens=[int(p) for p in rows.prompt_lens[:known]],
             kept_prompt_blocks=[int(k) for k in rows.kept[:known]],
@@ -362,7 +366,7 @@ def after_attention(
     value_cache: torch.Tensor,
     scales: Scales,
 ) -> None:
-    """Score this step's queries, then move the runs of the rows whose layout moves.
+    """Score this step's queries, then select the kept tokens of the rows whose layout moves (moved at the step's end).
 
     ``key_cache``/``value_cache`` are paged views (``ops.reference``).
     """
@@ -421,6 +425,8 @@ def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
       first and the freed ``[before, after)`` after, so that the kept tokens, moved to
       the front in order (overlap-safe), fill ``[write, end)`` and the freed blocks hold
       nothing the request still needs.
+
+    The move itself waits for the end of the step (``worker_state.PendingMoves``).
     """
     lists, selections = [], []
     for index, row in enumerate(work.compact.rows):
@@ -429,7 +435,7 @@ def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
             selections.append(selected[0])
             lists.append(selected[1])
     if selections:
-        _move(key_cache, value_cache, selections, lists)
+        work.moves.add(LayerMove(key_cache, value_cache, selections, lists))
 
 
 def _select_row(work, layer_name, index, row, num_kv_heads, device):
@@ -461,21 +467,6 @@ def _select_row(work, layer_name, index, row, num_kv_heads, device):
     work.store.set_positions(req_id, layer_name, torch.cat([kept_whole, positions.gather(1, chosen.gather(1, order))], dim=1))
     table = compact.block_table[index]
     return op_slots, torch.cat([table[write:end], table[before:after]])
-
-
-def _move(key_cache, value_cache, selections, lists) -> None:
-    """One ``ops.compact`` call for every row: selections and block lists padded to a batch."""
-    device = key_cache.device
-    width = max(s.shape[1] for s in selections)
-    heads = max(s.shape[0] for s in selections)
-    keep_indices = torch.zeros(len(selections), heads, width, dtype=torch.int32, device=device)
-    for index, selection in enumerate(selections):
-        keep_indices[index, :, : selection.shape[1]] = selection.to(torch.int32)
-    tables = torch.zeros(len(lists), max(t.numel() for t in lists), dtype=torch.int32, device=device)
-    for index, table in enumerate(lists):
-        tables[index, : table.numel()] = table
-    num_kept = torch.tensor([s.shape[1] for s in selections], dtype=torch.int32).to(device)
-    ops.compact(key_cache, value_cache, tables, keep_indices, num_kept)
 
 
 def _priorities(work, layer_name, row, computed, processed, before, end, whole, num_kv_heads, device):

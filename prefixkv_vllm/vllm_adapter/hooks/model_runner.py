@@ -1,4 +1,4 @@
-"""The model runner (``GPUModelRunner``, which ``CPUModelRunner`` inherits): layer specs, backends, the runner's PrefixKV state."""
+"""The model runner (``GPUModelRunner``, which ``CPUModelRunner`` inherits): layer specs, backends, the runner's PrefixKV state, the step's compactions after its forward."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ def bind_model_runner(runner, config: PrefixKVConfig) -> WorkerState:
     original_init_cache = runner.initialize_kv_cache
     original_update = runner._update_states
     original_build = runner._build_attention_metadata
+    original_forward = runner._model_forward
 
     def get_kv_cache_spec():
         stage = range(*runner.model_config.get_layers_start_end_indices(runner.parallel_config))
@@ -62,10 +63,17 @@ def bind_model_runner(runner, config: PrefixKVConfig) -> WorkerState:
         finally:
             state.batch = None
 
+    def _model_forward(*args, **kwargs):
+        # Every layer has read its cache: the step's compactions, all layers at once.
+        output = original_forward(*args, **kwargs)
+        state.moves.flush()
+        return output
+
     runner.get_kv_cache_spec = get_kv_cache_spec
     runner.initialize_kv_cache = initialize_kv_cache
     runner._update_states = _update_states
     runner._build_attention_metadata = _build_attention_metadata
+    runner._model_forward = _model_forward
     return state
 
 
