@@ -36,6 +36,7 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E4
 from prefixkv_vllm.vllm_adapter import backends  # noqa: E402
 from prefixkv_vllm.vllm_adapter.backends.flash_attn import PrefixKVFlashAttentionImpl  # noqa: E402
 from tests import flash_attn_reference as reference  # noqa: E402
+from tests.random_models import save_random_model  # noqa: E402
 
 PROMPTS = [(100, None), (70, 0.25), (90, 1.0)]  # (length, kv_budget)
 MAX_TOKENS = 64
@@ -46,12 +47,7 @@ def build_model(path: Path) -> None:
         vocab_size=128, hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=64, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)  # decisive logits: greedy tokens without near-ties
-    model.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    save_random_model(LlamaForCausalLM, config, path, torch.bfloat16)
 
 
 def use_stand_ins() -> None:

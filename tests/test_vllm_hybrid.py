@@ -7,7 +7,6 @@ tokenizer) with one shared server per configuration.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from types import SimpleNamespace
@@ -34,6 +33,7 @@ from prefixkv_vllm.vllm_adapter.kv_spec import PrefixKVAttentionSpec  # noqa: E4
 from prefixkv_vllm.vllm_adapter.request_options import SchedulerBudgets  # noqa: E402
 from prefixkv_vllm.vllm_adapter.startup import layer_specs  # noqa: E402
 
+from .random_models import demo_tokenizer_into, save_random_model  # noqa: E402
 from .vllm_server import max_usage_while_decoding, serve_together  # noqa: E402
 
 GEMMA3_TYPES = ["sliding_attention"] * 5 + ["full_attention"]
@@ -225,13 +225,8 @@ def tiny_gemma3(tmp_path_factory):
     """A 6-layer Gemma 3 with random weights and the demo model's tokenizer, in fp32."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from prefixkv_vllm.tools.demo_model import demo_model_path
-
-    demo = demo_model_path()
     path = tmp_path_factory.mktemp("tiny-gemma3")
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (path / name).write_bytes((demo / name).read_bytes())
-    demo_config = json.loads((demo / "config.json").read_text())
+    demo_config = demo_tokenizer_into(path)
     config = Gemma3TextConfig(
         vocab_size=demo_config["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=len(TINY_TYPES),
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, layer_types=TINY_TYPES, sliding_window=TINY_WINDOW,
@@ -240,12 +235,7 @@ def tiny_gemma3(tmp_path_factory):
         eos_token_id=demo_config["eos_token_id"], pad_token_id=demo_config.get("pad_token_id"), tie_word_embeddings=True,
         architectures=["Gemma3ForCausalLM"],
     )  # fmt: skip
-    torch.manual_seed(0)
-    model = Gemma3ForCausalLM(config)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)  # decisive logits: greedy tokens without near-ties
-    model.save_pretrained(path, safe_serialization=True)
+    save_random_model(Gemma3ForCausalLM, config, path)
     return path
 
 
