@@ -6,9 +6,8 @@ it sets the step's ``BatchInfo`` while the runner builds the attention metadata,
 hands the state to every PrefixKV metadata builder once the KV cache exists, and
 drops finished and preempted requests from its ``RequestStore``, which keeps what
 a request's compactions need across steps, and moves the step's compactions
-(``PendingMoves``) once the model's forward is done. Builders pass the store and
-the pending moves on to the attention impl inside the step's work
-(``backends.core.StepWork``).
+(``PendingMoves``) once the model's forward is done. Builders pass the whole state
+on to the attention impl inside the step's work (``backends.core.StepWork``).
 """
 
 from __future__ import annotations
@@ -122,9 +121,6 @@ class PendingMoves:
 
     def add(self, move: LayerMove) -> None:
         self._moves.append(move)
-
-    def __len__(self) -> int:
-        return len(self._moves)
 
     def flush(self) -> None:
         """Launch every pending move and forget them."""

@@ -28,7 +28,6 @@ block_size, Hkv, D]`` or its tiled form, in the cache's own dtype, fp8 included)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,7 +39,7 @@ from ...config import PrefixKVConfig
 from ...policy import KVPolicy, Protection, select_tokens
 from ...policy.paged import PagedLayout, kept_prompt_blocks, live_blocks
 from ..kv_spec import PrefixKVAttentionSpec
-from ..worker_state import BatchInfo, LayerMove, PendingMoves, RequestStore, WorkerState, policy_for
+from ..worker_state import BatchInfo, LayerMove, WorkerState, policy_for
 
 
 @dataclass
@@ -84,9 +83,7 @@ class StepWork:
 
     policy: KVPolicy
     layout: PagedLayout
-    store: RequestStore  # the model runner's (``worker_state``)
-    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None  # the model runner's (``worker_state``)
-    moves: PendingMoves  # the model runner's: the step's compactions, launched after the forward
+    state: WorkerState  # the model runner's: its request store, pending moves and rank mean
     req_ids: list[str]
     prompt_lens: list[int]
     kept_prompt_blocks: list[int]
@@ -181,9 +178,7 @@ def plan_step(
         work = StepWork(
             policy=policy,
             layout=spec.layout,
-            store=state.store,
-            mean_over_ranks=state.mean_over_ranks,
-            moves=state.moves,
+            state=state,
             req_ids=batch.req_ids[:known],
             prompt_lens=[int(p) for p in rows.prompt_lens[:known]],
             kept_prompt_blocks=[int(k) for k in rows.kept[:known]],
@@ -396,7 +391,7 @@ def _accumulate_scores(work, layer_name, query, key_cache, scales, num_kv_heads)
     )
     for index, row in enumerate(score.rows):
         size = score.sizes[index]
-        stored = work.store.scores(
+        stored = work.state.store.scores(
             work.req_ids[row], layer_name, score.used_at[index], (num_kv_heads, size), query.device, score.fresh[index]
         )
         stored.add_(chunk[index, :, :size])
@@ -435,7 +430,7 @@ def _compact(work, layer_name, key_cache, value_cache, num_kv_heads):
             selections.append(selected[0])
             lists.append(selected[1])
     if selections:
-        work.moves.add(LayerMove(key_cache, value_cache, selections, lists))
+        work.state.moves.add(LayerMove(key_cache, value_cache, selections, lists))
 
 
 def _select_row(work, layer_name, index, row, num_kv_heads, device):
@@ -457,14 +452,14 @@ def _select_row(work, layer_name, index, row, num_kv_heads, device):
     kept_whole = positions[:, whole]
     req_id = work.req_ids[row]
     if keep == 0:
-        work.store.set_positions(req_id, layer_name, kept_whole)
+        work.state.store.set_positions(req_id, layer_name, kept_whole)
         return None
     # Candidates (run slots without the write-once ones): the freed slots, then the rewritten ones.
     priority = torch.cat([priority[:, : whole.start], priority[:, whole.stop :]], dim=1)
     positions = torch.cat([positions[:, : whole.start], positions[:, whole.stop :]], dim=1)
     chosen = select_tokens(priority.expand(heads, -1), keep, Protection(sink=0, recent=0))
     op_slots, order = torch.where(chosen >= moved, chosen - moved, chosen + keep).sort(dim=1)
-    work.store.set_positions(req_id, layer_name, torch.cat([kept_whole, positions.gather(1, chosen.gather(1, order))], dim=1))
+    work.state.store.set_positions(req_id, layer_name, torch.cat([kept_whole, positions.gather(1, chosen.gather(1, order))], dim=1))
     table = compact.block_table[index]
     return op_slots, torch.cat([table[write:end], table[before:after]])
 
@@ -490,7 +485,7 @@ def _prompt_priorities(work, layer_name, row, natural, whole, num_kv_heads):
     policy, bs = work.policy, work.layout.block_size
     req_id, prompt_len = work.req_ids[row], work.prompt_lens[row]
     body = (prompt_len // bs) * bs
-    accumulated = work.store.take_scores(req_id, layer_name, prompt_len)
+    accumulated = work.state.store.take_scores(req_id, layer_name, prompt_len)
     if accumulated is None:  # recency needs no attention
         accumulated = torch.zeros(num_kv_heads, prompt_len, device=natural.device)
     scores = _shared_over_ranks(work, policy.scorer.scores(accumulated, prompt_len))[:, :body]
@@ -511,7 +506,7 @@ def _decode_priorities(work, layer_name, row, processed, natural):
     """``fifo``: the compressed prompt, then the newest tokens; ``scored``: the attention of the last decode queries, sink protected."""
     policy, layout = work.policy, work.layout
     req_id, prompt_len = work.req_ids[row], work.prompt_lens[row]
-    positions = work.store.positions(req_id, layer_name)
+    positions = work.state.store.positions(req_id, layer_name)
     if positions is None:
         positions = natural
     else:
@@ -520,7 +515,7 @@ def _decode_priorities(work, layer_name, row, processed, natural):
     accumulated = None
     if layout.decode == "scored":
         at_round = prompt_len + (processed - prompt_len) // layout.interval * layout.interval
-        accumulated = work.store.take_scores(req_id, layer_name, at_round)
+        accumulated = work.state.store.take_scores(req_id, layer_name, at_round)
     if accumulated is None:  # fifo, or no decode scores (a request resumed past a round)
         return torch.where(positions < prompt_len, _KEEP, positions.to(torch.float32)), positions
     count = natural.shape[1]
@@ -532,9 +527,9 @@ def _decode_priorities(work, layer_name, row, processed, natural):
 
 def _shared_over_ranks(work: StepWork, scores: torch.Tensor) -> torch.Tensor:
     """A selection shared by the heads (one score row) reads the heads of every tensor-parallel rank."""
-    if work.policy.scorer.per_kv_head or work.mean_over_ranks is None:
+    if work.policy.scorer.per_kv_head or work.state.mean_over_ranks is None:
         return scores  # per-head selections need only the rank's own heads
-    return work.mean_over_ranks(scores)
+    return work.state.mean_over_ranks(scores)
 
 
 def _one_hot(chosen: torch.Tensor, size: int) -> torch.Tensor:
