@@ -21,7 +21,7 @@ from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 from .cpu_features import HAS_AMX, needs_avx512  # noqa: E402
 from .settings import DEFAULT_PROFILE  # noqa: E402
-from .vllm_server import CHAT_PROMPTS, held_pages, max_usage_while_decoding, serve_together  # noqa: E402
+from .vllm_server import CHAT_PROMPTS, held_pages, serve_together, usage_while_decoding  # noqa: E402
 
 BLOCK = 32  # tests/vllm_server.py's --block-size
 # Pools of about the same tokens: stock puts all 30 layers in one block, PrefixKV one layer.
@@ -67,12 +67,11 @@ def test_request_budget_one_reproduces_stock_greedy_tokens(servers):
 
 def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers):
     _, stock, compressed = servers
-    # 1000 % 32 = 8: the 12 decode steps stay inside one block, so the holdings are constant.
     length = 1000
     prompt = np.random.default_rng(length).integers(100, 40000, size=length).tolist()
     ratios = Profile.load(DEFAULT_PROFILE).keep_ratios(PrefixKVConfig.budget)
-    computed = length + 1  # the first decode step has run: the prompt is compacted
-    assert max_usage_while_decoding(stock, prompt) == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6)
-    expected = held_pages(BLOCK, length, computed, ratios) / (COMPRESSED_BLOCKS - 1)
-    assert max_usage_while_decoding(compressed, prompt) == pytest.approx(expected, abs=1e-6)
+    for computed, usage in usage_while_decoding(stock, prompt):
+        assert usage == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6), computed
+    for computed, usage in usage_while_decoding(compressed, prompt):
+        assert usage == pytest.approx(held_pages(BLOCK, length, computed, ratios) / (COMPRESSED_BLOCKS - 1), abs=1e-6), computed
     assert compressed.metric("vllm:kv_cache_usage_perc") == 0.0

@@ -30,7 +30,7 @@ pytest.importorskip("vllm")
 from prefixkv_vllm.policy.profile import ModelIdentity, Profile  # noqa: E402
 
 from .random_models import demo_tokenizer_into, save_random_model  # noqa: E402
-from .vllm_server import held_pages, max_usage_while_decoding, serve_together  # noqa: E402
+from .vllm_server import held_pages, serve_together, usage_while_decoding  # noqa: E402
 
 BLOCK = 32  # tests/vllm_server.py's --block-size
 RATIOS = (0.4, 0.1, 0.2, 0.1)  # a profile: per-layer ratios without start-up calibration
@@ -131,17 +131,23 @@ def test_every_layout_compresses_to_the_same_tokens(servers):
     assert moved > 0  # the server's budget does change answers
 
 
+# This model decodes 64 tokens faster than one /metrics scrape (seen: no sample).
+DECODED = 512
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_kv_usage_while_decoding_follows_the_block_arithmetic(servers, layout):
-    # 1000 % 32 = 8: the 12 decode steps stay inside one block, so the holdings are constant.
     length, compressed, stock = 1000, servers[layout], servers[LAYOUTS[layout][2]]
-    computed = length + 1  # the first decode step has run: the prompt is compacted
-    expected = held_pages(BLOCK, length, computed, RATIOS) / (COMPRESSED_BLOCKS - 1)
-    stock_usage = max_usage_while_decoding(stock, token_prompt(length))
-    assert stock_usage == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6)
+    for computed, usage in usage_while_decoding(stock, token_prompt(length), DECODED):
+        assert usage == pytest.approx(math.ceil((computed + 1) / BLOCK) / (STOCK_BLOCKS - 1), abs=1e-6), computed
+    # With pipeline stages vLLM schedules a step before it records the one in flight (its
+    # batch queue), so the usage may hold the next token's slot too (seen at a block's end).
+    ahead = (0, 1) if layout == "pp2" else (0,)
     for headers in routes(layout):  # each data-parallel engine holds its own request's blocks
         before = compressed.metric_by_engine("vllm:prompt_tokens_total")
-        assert max_usage_while_decoding(compressed, token_prompt(length), headers=headers) == pytest.approx(expected, abs=1e-6)
+        for computed, usage in usage_while_decoding(compressed, token_prompt(length), DECODED, headers):
+            expected = [held_pages(BLOCK, length, computed + a, RATIOS) / (COMPRESSED_BLOCKS - 1) for a in ahead]
+            assert any(usage == pytest.approx(e, abs=1e-6) for e in expected), (computed, usage, expected, headers)
         after = compressed.metric_by_engine("vllm:prompt_tokens_total")
         busy = [engine for engine in after if after[engine] > before[engine]]
         assert busy == [headers["X-data-parallel-rank"] if headers else "0"], (before, after)

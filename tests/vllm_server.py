@@ -120,24 +120,36 @@ def concurrent_streams(server: Server, prompts: list[str], max_tokens: int, on_p
     return results  # type: ignore[return-value]
 
 
-def max_usage_while_decoding(server, prompt: list[int], max_tokens: int = 12, headers: dict | None = None) -> float:
-    """The highest KV usage seen while one request decodes, from its second token on (summed over engines)."""
+def usage_while_decoding(server, prompt: list[int], max_tokens: int = 64, headers: dict | None = None, samples: int = 64) -> list[tuple[int, float]]:
+    """``(computed, usage)`` for each decode step seen while one request decodes: the KV
+    usage after the step, with ``computed`` the tokens cached before it (``held_pages``).
+
+    Each pair comes from one ``/metrics`` scrape, and vLLM's API server updates the usage
+    and the generated-token count in one record per engine step, so a pair is exact however
+    far the engine runs ahead of the stream: reading usage alone raced a fast engine (a
+    4-layer model decoded its 12 tokens before the first scrape, seen in CI). At most
+    ``samples`` pairs, one per streamed token (each scrape takes milliseconds). Counts are
+    summed over engines, so the request must be the server's only one.
+    """
     body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    samples = []
+    generated_before = server.metric("vllm:generation_tokens_total")
+    pairs = []
     with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600, headers=headers) as response:
         response.raise_for_status()
-        chunks = 0
         for line in response.iter_lines():
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                chunks += 1
-                if 2 <= chunks < max_tokens:
-                    samples.append(server.metric("vllm:kv_cache_usage_perc"))
-    assert samples, "no sample was taken while the request decoded"
-    return max(samples)
+            if len(pairs) < samples and line.startswith(b"data: ") and line != b"data: [DONE]":
+                metrics = server.metrics()
+                generated = round(metrics["vllm:generation_tokens_total"] - generated_before)
+                # Token g comes from the step on token g - 1: the first decode step, which compacts
+                # the prompt, gives the second; the step that gives the last frees everything.
+                if 2 <= generated < max_tokens:
+                    pairs.append((len(prompt) + generated - 2, metrics["vllm:kv_cache_usage_perc"]))
+    assert pairs, "no sample was taken while the request decoded"
+    return pairs
 
 
 def held_pages(block_size: int, prompt_len: int, computed: int, ratios) -> int:
-    """One-layer blocks a request holds after ``computed`` tokens, by the block arithmetic (the default decode settings)."""
+    """One-layer blocks a request holds in the step on ``computed`` cached tokens, by the block arithmetic (default decode settings)."""
     defaults = PrefixKVConfig()
     layout = PagedLayout(block_size, defaults.sink, defaults.recent, defaults.decode, defaults.decode_interval, prefix_caching=True)
     allocated = math.ceil((computed + 1) / block_size)  # the step's new token has its slot
