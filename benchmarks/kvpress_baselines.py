@@ -50,6 +50,49 @@ def make_press(name: str, budget: float):
     return classes[name](compression_ratio=ratio)
 
 
+def on_full_attention_layers(press) -> None:
+    """Make ``press`` skip sliding-window layers, as our server does on a hybrid model.
+
+    kvpress 0.5.5 skips them itself only for ``Gemma3ForConditionalGeneration``; on the text-only
+    ``Gemma3ForCausalLM`` it also cut each sliding layer's cached window to the budget, and most
+    presses' answers collapsed (SnapKV at 0.2 on Gemma 3 270M: ROUGE-L 0.040). kvpress registers
+    ``press.forward_hook`` on each attention module, so an instance attribute of that name
+    stands in for the method. It also hands presses the model's rotary embedding, which in
+    Gemma 3 needs the layer's type (ExpectedAttention failed without: ``None_inv_freq``).
+    """
+    import torch
+
+    class LayerRope(torch.nn.Module):
+        def __init__(self, rope, layer_type: str):
+            super().__init__()
+            self.rope, self.layer_type = rope, layer_type
+
+        def forward(self, x, position_ids):
+            return self.rope(x, position_ids, layer_type=self.layer_type)
+
+    hook = press.forward_hook
+
+    def forward_hook(module, input, kwargs, output):
+        if getattr(module, "is_sliding", False):
+            return output
+        layer_type = getattr(module, "layer_type", None)
+        if layer_type is None:
+            return hook(module, input, kwargs, output)
+        rope = module.rotary_emb
+        module.rotary_emb = LayerRope(rope, layer_type)
+        try:
+            return hook(module, input, kwargs, output)
+        finally:
+            module.rotary_emb = rope
+
+    press.forward_hook = forward_hook
+
+
+def first_full_attention_layer(model) -> int:
+    layers = getattr(model.config, "layer_types", None) or ["full_attention"]
+    return layers.index("full_attention")
+
+
 def question_start(tokenizer, ids: list[int]) -> int:
     """The first token after the prompt's last blank line: where ``benchmarks/prompts.py`` puts the question."""
     for index in range(len(ids) - 1, 1, -1):
@@ -59,7 +102,7 @@ def question_start(tokenizer, ids: list[int]) -> int:
 
 
 def answer(model, press, ids: list[int], split: int, max_new_tokens: int) -> tuple[list[int], int]:
-    """Greedy tokens after compressing ``ids[:split]`` with ``press``, and the cache length it left (layer 0)."""
+    """Greedy tokens after compressing ``ids[:split]`` with ``press``, and the cache length it left (first full-attention layer)."""
     import torch
     from transformers import DynamicCache
 
@@ -67,7 +110,7 @@ def answer(model, press, ids: list[int], split: int, max_new_tokens: int) -> tup
     prompt = torch.tensor([ids])
     with press(model) if press is not None else contextlib.nullcontext():
         outputs = model(input_ids=prompt[:, :split], past_key_values=cache, logits_to_keep=1)
-    kept = cache.get_seq_length()
+    kept = cache.get_seq_length(first_full_attention_layer(model))
     if split < len(ids):
         positions = torch.arange(split, len(ids)).unsqueeze(0)
         outputs = model(input_ids=prompt[:, split:], past_key_values=cache, position_ids=positions, logits_to_keep=1)
@@ -110,6 +153,8 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, args.dtype), attn_implementation="sdpa")
     model.eval()
     press = None if config["press"] == "none" else make_press(config["press"], config["budget"])
+    if press is not None:
+        on_full_attention_layers(press)
     startup_s = time.time() - started
     started = time.time()
     answers, tokens, kept = [], [], []

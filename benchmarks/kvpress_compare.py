@@ -4,7 +4,8 @@ Our side is the server's default (``prefixkv``, ``snapkv`` scorer, loss-calibrat
 decode rounds) in vLLM, run as ``benchmarks/quality.py`` runs it; kvpress's side is each press
 through transformers, in the environment ``scripts/setup_kvpress_env.sh`` builds
 (``benchmarks/kvpress_baselines.py``). Every press compresses the whole prompt, question
-included, as our server does (scope ``prompt``); ``--context-presses`` also run kvpress's own
+included, as our server does (scope ``prompt``), and on a hybrid model (Gemma 3) only its
+full-attention layers, as our server does; ``--context-presses`` also run kvpress's own
 default, the document compressed before the question is seen (scope ``context``).
 
 Every answer is compared with vLLM's full-cache answer (ROUGE-L F1, needles, identical
@@ -128,7 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", choices=DEMO_MODELS, default=DEMO_MODELS[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--presses", nargs="+", default=list(PRESSES), choices=PRESSES)
-    parser.add_argument("--context-presses", nargs="+", default=["snapkv"], choices=PRESSES, help="also run these with kvpress's default scope: the document compressed before the question")
+    parser.add_argument("--context-presses", nargs="*", default=["snapkv"], choices=PRESSES, help="also run these with kvpress's default scope: the document compressed before the question (none: no value)")
     parser.add_argument("--num-prompts", type=int, default=24)
     parser.add_argument("--min-tokens", type=int, default=1000)
     parser.add_argument("--max-tokens", type=int, default=2500)
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
         f"# {args.model}: our default against kvpress's presses ({time.strftime('%Y-%m-%d')}, {args.dtype}, {describe()})\n\n"
         f"Command: `{command}` ({(time.time() - begun) / 60:.0f} min this run). {len(prompts)} prompts of "
         f"{min(lengths)}-{max(lengths)} tokens, none from the calibration's modules, {args.max_new_tokens} tokens greedy. "
-        "Presses compress the whole prompt, question included, as our server does, unless marked *context only* "
+        "Presses compress the whole prompt, question included, as our server does (on a hybrid model only the "
+        "full-attention layers, as our server does), unless marked *context only* "
         "(kvpress's default: the document before the question is seen). Budget = share of the prompt's KV cache kept "
         "(kvpress `compression_ratio` = 1 - budget)."
     )

@@ -181,6 +181,32 @@ def test_kvpress_runs_split_the_question_where_the_prompt_builder_put_it(tokeniz
         assert len(tokenizer(question)["input_ids"]) < 90  # the question and template, not the document
 
 
+def test_presses_run_on_full_attention_layers_only_with_the_layers_rope():
+    from types import SimpleNamespace
+
+    from benchmarks.kvpress_baselines import on_full_attention_layers
+
+    seen = []
+
+    class Press:  # kvpress's interface: a forward hook on every attention module
+        def forward_hook(self, module, input, kwargs, output):
+            seen.append(module.rotary_emb(None, None) if hasattr(module, "rotary_emb") else "no rope")
+            return "compressed"
+
+    def rope(x, position_ids, layer_type=None):  # Gemma 3's rotary embedding needs the layer type
+        return layer_type
+
+    press = Press()
+    on_full_attention_layers(press)
+    sliding = SimpleNamespace(is_sliding=True, layer_type="sliding_attention", rotary_emb=rope)
+    full = SimpleNamespace(is_sliding=False, layer_type="full_attention", rotary_emb=rope)
+    assert press.forward_hook(sliding, (), {}, "output") == "output"
+    assert press.forward_hook(full, (), {}, "output") == "compressed"
+    assert full.rotary_emb is rope  # restored after the hook
+    assert press.forward_hook(SimpleNamespace(), (), {}, "output") == "compressed"  # a model without layer types
+    assert seen == ["full_attention", "no rope"]
+
+
 def test_kvpress_comparison_pairs_every_press_with_our_default_at_its_budget():
     from benchmarks.kvpress_compare import our_default, press_configs
     from benchmarks.quality import config_name

@@ -326,17 +326,16 @@ def held_pages(prompt_len: int, computed: int, ratios) -> tuple[int, int]:
 
 
 USAGE_PROMPTS = (300, 1000)
-DECODED = 256  # a small model: many steps, so that /metrics scrapes land while it decodes
 
 
 @pytest.mark.parametrize("length", USAGE_PROMPTS)
 def test_full_attention_usage_falls_by_the_block_arithmetic_and_sliding_layers_stay_stock(stock, compressed, length):
     prompt = token_prompt(length, seed=length)
-    for computed, usage in usage_while_decoding(stock, prompt, DECODED):
+    for computed, usage in usage_while_decoding(stock, prompt):
         full, sliding = held_pages(length, computed, (1.0, 1.0))
         # Stock vLLM puts two layers in each block, PrefixKV one (the same bytes per pool).
         assert usage == pytest.approx((full + sliding) / 2 / (STOCK_BLOCKS - 1), abs=1e-6), computed
-    for computed, usage in usage_while_decoding(compressed, prompt, DECODED):
+    for computed, usage in usage_while_decoding(compressed, prompt):
         full, sliding = held_pages(length, computed, TINY_RATIOS)
         stock_full, stock_sliding = held_pages(length, computed, (1.0, 1.0))
         assert sliding == stock_sliding and full < stock_full

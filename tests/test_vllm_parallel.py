@@ -131,8 +131,9 @@ def test_every_layout_compresses_to_the_same_tokens(servers):
     assert moved > 0  # the server's budget does change answers
 
 
-# This model decodes 64 tokens faster than one /metrics scrape (seen: no sample).
-DECODED = 512
+# This small model can decode 512 tokens before a loaded machine's first /metrics scrape
+# (seen); the server's context leaves room for 3000.
+DECODED = 3000
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -120,32 +120,50 @@ def concurrent_streams(server: Server, prompts: list[str], max_tokens: int, on_p
     return results  # type: ignore[return-value]
 
 
-def usage_while_decoding(server, prompt: list[int], max_tokens: int = 64, headers: dict | None = None, samples: int = 64) -> list[tuple[int, float]]:
-    """``(computed, usage)`` for each decode step seen while one request decodes: the KV
-    usage after the step, with ``computed`` the tokens cached before it (``held_pages``).
+def usage_while_decoding(server, prompt: list[int], max_tokens: int = 512, headers: dict | None = None, samples: int = 32) -> list[tuple[int, float]]:
+    """``(computed, usage)`` for decode steps of one request: the KV usage after the step,
+    with ``computed`` the tokens cached before it (``held_pages``).
 
     Each pair comes from one ``/metrics`` scrape, and vLLM's API server updates the usage
     and the generated-token count in one record per engine step, so a pair is exact however
-    far the engine runs ahead of the stream: reading usage alone raced a fast engine (a
-    4-layer model decoded its 12 tokens before the first scrape, seen in CI). At most
-    ``samples`` pairs, one per streamed token (each scrape takes milliseconds). Counts are
-    summed over engines, so the request must be the server's only one.
+    far the engine runs ahead of the stream. But the request must still be running at the
+    first scrape: under load a 4-layer model decoded 512 tokens before it (seen in CI), so
+    give a fast model a long ``max_tokens``; the request is aborted once ``samples`` pairs
+    are read. Counts are summed over engines, so the request must be the server's only one.
     """
     body = {"model": "demo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     generated_before = server.metric("vllm:generation_tokens_total")
-    pairs = []
+    pairs, seen = [], []
     with requests.post(f"{server.base_url}/v1/completions", json=body, stream=True, timeout=600, headers=headers) as response:
         response.raise_for_status()
         for line in response.iter_lines():
-            if len(pairs) < samples and line.startswith(b"data: ") and line != b"data: [DONE]":
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
                 metrics = server.metrics()
                 generated = round(metrics["vllm:generation_tokens_total"] - generated_before)
+                seen.append(generated)
                 # Token g comes from the step on token g - 1: the first decode step, which compacts
                 # the prompt, gives the second; the step that gives the last frees everything.
                 if 2 <= generated < max_tokens:
                     pairs.append((len(prompt) + generated - 2, metrics["vllm:kv_cache_usage_perc"]))
-    assert pairs, "no sample was taken while the request decoded"
+                if len(pairs) == samples:
+                    break  # closing the stream aborts the request
+    wait_for_an_empty_pool(server, headers)
+    assert pairs, f"no sample was taken while the request decoded (tokens generated at each scrape: {seen[:20]})"
     return pairs
+
+
+def wait_for_an_empty_pool(server, headers: dict | None = None, timeout: float = 60) -> None:
+    """Until the server's KV usage is 0 again. vLLM publishes usage at engine steps only, and an
+    aborted request takes no further step, so a one-token request (freed in its only step)
+    makes the engine publish it."""
+    body = {"model": "demo", "prompt": [100], "max_tokens": 1}
+    deadline = time.time() + timeout
+    while True:
+        requests.post(f"{server.base_url}/v1/completions", json=body, timeout=60, headers=headers).raise_for_status()
+        if server.metric("vllm:kv_cache_usage_perc") == 0.0:
+            return
+        assert time.time() < deadline, "KV usage did not return to 0"
+        time.sleep(0.2)
 
 
 def held_pages(block_size: int, prompt_len: int, computed: int, ratios) -> int:
