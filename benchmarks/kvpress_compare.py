@@ -172,7 +172,11 @@ def main(argv=None) -> int:
                 previous[key] = launch(config, prompts_file, args, args.log_dir)
             print(f"[kvpress] {config_name(config)}: {previous[key].get('error', '').splitlines()[:1] or 'done'}", flush=True)
         results.append(previous[key])
-        json_path.write_text(json.dumps({"prompt_lengths": lengths, "max_new_tokens": args.max_new_tokens, "results": results}, indent=1))
+        # Answers saved by earlier runs with other presses stay in the file (a run with a subset
+        # of presses once dropped them).
+        used = {json.dumps(r["config"], sort_keys=True) for r in results}
+        kept = [r for k, r in previous.items() if k not in used]
+        json_path.write_text(json.dumps({"prompt_lengths": lengths, "max_new_tokens": args.max_new_tokens, "results": results + kept}, indent=1))
     rows = [dict(row, config=result["config"]) for row, result in zip(score(results, prompts), results)]
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     header = (
