@@ -161,11 +161,13 @@ def main(argv=None) -> int:
     previous = saved_results(json_path, prompts, args.max_new_tokens) if args.resume else {}
     lengths = [len(p["prompt_token_ids"]) for p in prompts]
     ours = [REFERENCE] + [our_default(b) for b in args.budgets]
-    results = []
+    results, reused = [], []
     begun = time.time()
     for config in ours + press_configs(args.budgets, args.presses, args.context_presses):
         key = json.dumps(config, sort_keys=True)
-        if key not in previous:
+        if key in previous:
+            reused.append(config_name(config))
+        else:
             if config["policy"] == "kvpress":
                 previous[key] = launch_press(config, prompts_file, args, model)
             else:
@@ -181,7 +183,9 @@ def main(argv=None) -> int:
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     header = (
         f"# {args.model}: our default against kvpress's presses ({time.strftime('%Y-%m-%d')}, {args.dtype}, {describe()})\n\n"
-        f"Command: `{command}` ({(time.time() - begun) / 60:.0f} min this run). {len(prompts)} prompts of "
+        f"Command: `{command}` ({(time.time() - begun) / 60:.0f} min this run"
+        + (f"; answers of earlier runs with the same prompts reused for: {', '.join(reused)}" if reused else "")
+        + f"). {len(prompts)} prompts of "
         f"{min(lengths)}-{max(lengths)} tokens, none from the calibration's modules, {args.max_new_tokens} tokens greedy. "
         "Presses compress the whole prompt, question included, as our server does (on a hybrid model only the "
         "full-attention layers, as our server does), unless marked *context only* "

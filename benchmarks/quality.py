@@ -119,7 +119,8 @@ def config_name(config: dict) -> str:
 def policy_label(config: dict) -> str:
     """The policy, with the calibration criterion of its profile, or the one it was given, where it has one."""
     if "profile" in config:
-        label = f"{config['policy']} ({config['criterion']} profile)"
+        # The file's name tells two profiles of one criterion apart in a table.
+        label = f"{config['policy']} ({config['criterion']} profile {Path(config['profile']).stem})"
     elif "criterion" in config:
         label = f"{config['policy']} ({config['criterion']} criterion)"
     else:
@@ -604,7 +605,7 @@ def main(argv=None) -> int:
             f"- Plugin settings: `kv_sink` 1, `kv_recent` {args.recent}, `kv_window` 32, per-layer selection; "
             "`prefixkv` without a profile: ratios calibrated at start-up with the same scorer and sink/recent, "
             f"cached, with the server's default criterion ({PrefixKVConfig.criterion}), or `prefixkv (C criterion)` with "
-            "`--kv-criterion C`; `prefixkv (C profile)`: ratios from a `prefixkv calibrate --criterion C` profile (`--kv-profile`)",
+            "`--kv-criterion C`; `prefixkv (C profile NAME)`: ratios from the `prefixkv calibrate --criterion C` profile NAME.json (`--kv-profile`)",
             "- ROUGE-L: `rouge-score`'s rougeL F1 against the full-cache answer to the same prompt; s.e. = standard error over prompts. "
             "Needle accuracy: the answer contains the pass key / badge number.",
             "- *generate s*: wall time of the `llm.generate` call (prefill dominates on CPU). *Other jobs' CPU share*: CPU time "

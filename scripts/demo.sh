@@ -21,20 +21,20 @@ server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 
 echo "demo: serving $model in $dtype on port $port (log: $log)" >&2
-echo "demo: the first start calibrates per-layer ratios (about 3 minutes on 2 cores, cached after)" >&2
+echo "demo: the first start calibrates per-layer ratios (about 10 minutes on 2 cores, cached after)" >&2
 "$python" - "$port" "$server" "$log" <<'PY'
 import json, os, sys, time, urllib.request
 
 port, server = sys.argv[1], int(sys.argv[2])
 base = f"http://127.0.0.1:{port}"
-deadline = time.time() + 900
+deadline = time.time() + 1800
 while True:
     try:
         urllib.request.urlopen(f"{base}/health", timeout=5)
         break
     except OSError:
         if time.time() > deadline:
-            sys.exit("demo: the server did not become healthy in 15 minutes")
+            sys.exit("demo: the server did not become healthy in 30 minutes")
         try:
             os.kill(server, 0)
         except ProcessLookupError:

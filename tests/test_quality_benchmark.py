@@ -96,7 +96,7 @@ def test_profiles_run_at_their_budgets():
     profiled = [c for c in configs if "profile" in c]
     assert profiled == [{"policy": "prefixkv", "budget": 0.2, "scorer": "snapkv", "profile": "/p/loss.json", "criterion": "loss"}]
     assert additional_config(profiled[0])["kv_profile"] == "/p/loss.json"
-    assert config_name(profiled[0]) == "prefixkv (loss profile)/snapkv@0.2"
+    assert config_name(profiled[0]) == "prefixkv (loss profile loss)/snapkv@0.2"
 
 
 def test_criteria_pick_the_start_up_calibration():
