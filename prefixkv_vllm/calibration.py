@@ -72,8 +72,9 @@ LOSS_POSITIONS = 32  # decoded tokens whose next-token distributions are compare
 # Calibration prompts, and the most tokens of each. The loss criterion's smallest ratio must cut
 # below the sink and recent tokens every prompt keeps (65 by default: 1300 tokens at 0.05); at 1024
 # it never did, and the layers measured cheapest got a floor they had not been measured at.
-# Measured (docs/benchmarks.md, issue 29), 2048 against 1024, 48 prompts each of the demo model and
-# Gemma 3: ROUGE-L +0.060 [+0.016, +0.106] at budget 0.2, -0.033 [-0.073, +0.003] at 0.5.
+# Measured (docs/benchmarks.md, issue 29), 2048 against 1024 over 120 prompts of the demo model and
+# Gemma 3: ROUGE-L +0.052 [+0.016, +0.091] at the default budget 0.2, -0.040 [-0.076, -0.006] at 0.5
+# (a trade, chosen for the default budget).
 NUM_PROMPTS, MAX_TOKENS = 8, 2048
 # The standard-library modules whose docstrings make the calibration documents (benchmarks leave them out to test on unseen text).
 DOCUMENT_MODULES = ("argparse", "json", "logging", "pathlib", "subprocess", "threading", "collections", "itertools")
