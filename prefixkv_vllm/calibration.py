@@ -1,8 +1,8 @@
 """Offline calibration: per-layer keep ratios for a model, as a profile.
 
-Runs the model in transformers with eager attention on calibration prompts and
-accumulates each layer's attention per KV head exactly as the ``importance`` op
-does in serving, then applies the chosen scorer. Two allocation criteria
+Runs the model in transformers on calibration prompts and accumulates each
+layer's attention per KV head exactly as the ``importance`` op does in serving,
+then applies the chosen scorer. Two allocation criteria
 (``policy.costs.CRITERIA``):
 
 * ``loss`` (the default): per prompt, the model first decodes ``positions`` tokens
@@ -158,16 +158,42 @@ def calibration_prompts(tokenizer, num_prompts: int, max_tokens: int, tasks: Seq
 @torch.no_grad()
 def layer_attention(model, input_ids: list[int], min_query_pos: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
     """Per layer in ``layers``, the attention each token receives from queries at ``>= min_query_pos``: ``[Hkv, S]``."""
-    outputs = model(torch.tensor([input_ids], device=model.device), output_attentions=True, use_cache=False)
-    return _accumulated(model, outputs.attentions, min_query_pos, layers)
+    return _prefill(model, input_ids, min_query_pos, layers)[1]
 
 
-def _accumulated(model, attentions, min_query_pos: int, layers: tuple[int, ...]) -> list[torch.Tensor]:
+def _prefill(model, input_ids: list[int], min_query_pos: int, layers: tuple[int, ...]):
+    """The prompt's forward pass: its outputs (logits, cache) and ``layer_attention``.
+
+    Only the queries from ``min_query_pos`` on need their attention probabilities,
+    which only eager attention returns; the prompt before them runs in the model's
+    own implementation (SDPA from ``load_model``): the demo model's 1747-token
+    prefill took 4.4 s in SDPA against 11.0 s in eager (2 CPU cores).
+    """
+    ids = torch.tensor([input_ids], device=model.device)
+    cache = None
+    if min_query_pos > 0:
+        cache = model(ids[:, :min_query_pos], use_cache=True).past_key_values
+    with _attention_implementation(model, "eager"):
+        outputs = model(ids[:, min_query_pos:], past_key_values=cache, output_attentions=True, use_cache=True)
+    return outputs, _accumulated(model, outputs.attentions, layers)
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, implementation: str) -> Iterator[None]:
+    before = model.config._attn_implementation
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _accumulated(model, attentions, layers: tuple[int, ...]) -> list[torch.Tensor]:
     num_kv_heads = _num_kv_heads(model.config.get_text_config())
     accumulated = []
     for layer in layers:
-        probs = attentions[layer]  # [1, Hq, S, S], softmax of the layer's own scaled logits
-        received = probs[0, :, min_query_pos:, :].float().sum(dim=1).cpu()  # [Hq, S]; scorers run on the CPU
+        probs = attentions[layer]  # [1, Hq, queries, S], softmax of the layer's own scaled logits
+        received = probs[0].float().sum(dim=1).cpu()  # [Hq, S]; scorers run on the CPU
         accumulated.append(received.view(num_kv_heads, -1, received.shape[-1]).mean(dim=1))
     return accumulated
 
@@ -186,6 +212,64 @@ def _attention_modules(model, num_layers: int) -> dict[int, torch.nn.Module]:
     if sorted(found) != list(range(num_layers)):
         raise ValueError(f"found attention modules for layers {sorted(found)}, expected 0..{num_layers - 1}")
     return found
+
+
+def _decoder_layers(model, num_layers: int) -> dict[int, torch.nn.Module]:
+    """Each layer's decoder block (its attention module's parent), by layer index."""
+    names = {module: name for name, module in model.named_modules()}
+    return {i: model.get_submodule(names[a].rpartition(".")[0]) for i, a in _attention_modules(model, num_layers).items()}
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def _recording_inputs(decoder_layers: dict[int, torch.nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
+    """While active, each decoder layer's input hidden states are recorded, by layer index."""
+    inputs: dict[int, torch.Tensor] = {}
+
+    def recorder(index: int):
+        def record(module, args, kwargs):
+            inputs[index] = _layer_input(args, kwargs)
+
+        return record
+
+    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in decoder_layers.items()]
+    try:
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _passed_through(*args, **kwargs) -> torch.Tensor:
+    return _layer_input(args, kwargs)
+
+
+@contextlib.contextmanager
+def _starting_at(decoder_layers: dict[int, torch.nn.Module], first: int, hidden: torch.Tensor) -> Iterator[None]:
+    """While active, the decoder layers before ``first`` compute nothing and layer ``first`` reads ``hidden``.
+
+    Cutting one layer's prompt keys changes nothing before that layer, so its
+    measurement can start from the reference pass's input to it: the demo model's
+    30 layers took 26.4 s instead of 40.5 s on a 1747-token prompt (2 CPU cores),
+    with the same costs. The skipped layers' caches do not grow: crop only the
+    layers from ``first`` on (``_continuation_log_probs``).
+    """
+
+    def feed(module, args, kwargs):
+        return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+    handle = decoder_layers[first].register_forward_pre_hook(feed, with_kwargs=True)
+    for i in range(first):
+        decoder_layers[i].forward = _passed_through  # an instance attribute: nn.Module calls it instead
+    try:
+        yield
+    finally:
+        handle.remove()
+        for i in range(first):
+            del decoder_layers[i].forward
 
 
 @contextlib.contextmanager
@@ -215,10 +299,14 @@ def _evicting(attention: torch.nn.Module, evicted: torch.Tensor, prompt_len: int
         handle.remove()
 
 
-def _continuation_log_probs(model, continuation: torch.Tensor, cache) -> torch.Tensor:
-    """Log-probabilities ``[B, P, V]`` after each continuation token on the cached prompt; the cache is left as it was."""
+def _continuation_log_probs(model, continuation: torch.Tensor, cache, first_layer: int = 0) -> torch.Tensor:
+    """Log-probabilities ``[B, P, V]`` after each continuation token on the cached prompt; the cache is left as it was.
+
+    ``first_layer``: the first layer that runs (``_starting_at``); the caches before it did not grow.
+    """
     logits = model(continuation, past_key_values=cache, use_cache=True).logits
-    cache.crop(-continuation.shape[1])
+    for layer in cache.layers[first_layer:]:
+        layer.crop(-continuation.shape[1])
     return torch.log_softmax(logits.float(), dim=-1)
 
 
@@ -235,8 +323,7 @@ def layer_costs(
 ) -> torch.Tensor:
     """``[len(layers), len(ratios)]``: mean KL(full cache || only that layer compressed) over ``positions`` decoded tokens."""
     prompt_len = len(input_ids)
-    outputs = model(torch.tensor([input_ids], device=model.device), output_attentions=True, use_cache=True)
-    accumulated = _accumulated(model, outputs.attentions, token_scorer.min_query_pos(prompt_len), layers)
+    outputs, accumulated = _prefill(model, input_ids, token_scorer.min_query_pos(prompt_len), layers)
     scores = [token_scorer.scores(a, prompt_len) for a in accumulated]
     cache = outputs.past_key_values
     cache.activate_past_recording()  # so that sliding-window layers can be cropped back to the prompt
@@ -248,27 +335,47 @@ def layer_costs(
         generated.append(int(step.logits[0, -1].argmax()))
     cache.crop(-(positions - 1))
     continuation = torch.tensor([generated], device=model.device)
-    reference = _continuation_log_probs(model, continuation, cache)[0]
+    num_layers = model.config.get_text_config().num_hidden_layers
+    decoder_layers, attention = _decoder_layers(model, num_layers), _attention_modules(model, num_layers)
+    with _recording_inputs(decoder_layers) as inputs:
+        reference = _continuation_log_probs(model, continuation, cache)[0]
+    _check_starting_at(model, continuation, cache, decoder_layers, inputs, layers[-1], reference)
     # All ratios of a layer run as one batch, on the prompt's cache repeated once per ratio:
     # the demo model's 5-ratio calibration took 156 s instead of 243 s one ratio at a time
     # (2 CPU cores), with costs equal to 1e-6 and the same allocation.
     cache.batch_repeat_interleave(len(ratios))
     continuation = continuation.expand(len(ratios), -1)
-    attention = _attention_modules(model, model.config.get_text_config().num_hidden_layers)
     counts = clamp_keep_counts(torch.tensor([round(r * prompt_len) for r in ratios]), prompt_len, protection).tolist()
     costs = torch.zeros(len(layers), len(ratios))
     for i in progress(range(len(layers)), "layers", len(layers)):
         evicted = torch.ones(len(ratios), prompt_len, dtype=torch.bool)
         for j, count in enumerate(counts):
             evicted[j, select_tokens(scores[i], count, protection)[0]] = False
-        with _evicting(attention[layers[i]], evicted, prompt_len):
-            compressed = _continuation_log_probs(model, continuation, cache)
+        start = inputs[layers[i]].expand(len(ratios), -1, -1)
+        with _evicting(attention[layers[i]], evicted, prompt_len), _starting_at(decoder_layers, layers[i], start):
+            compressed = _continuation_log_probs(model, continuation, cache, first_layer=layers[i])
         costs[i] = (reference.exp() * (reference - compressed)).sum(dim=-1).mean(dim=-1).clamp_min(0.0).cpu()
     return costs
 
 
+def _check_starting_at(model, continuation, cache, decoder_layers, inputs, first: int, reference: torch.Tensor) -> None:
+    """Fails if starting at layer ``first`` without evicting anything does not reproduce the full pass.
+
+    ``_starting_at`` assumes that a layer reads nothing from the ones before it but its
+    input hidden states; a model (or transformers version) where that does not hold
+    fails here, at calibration, rather than giving wrong costs.
+    """
+    with _starting_at(decoder_layers, first, inputs[first]):
+        started = _continuation_log_probs(model, continuation, cache, first_layer=first)[0]
+    if not torch.allclose(started, reference, rtol=1e-3, atol=1e-4):
+        raise RuntimeError(
+            f"calibration: running {type(model).__name__} from layer {first} does not reproduce the full pass "
+            f"(max |Δ log p| {float((started - reference).abs().max()):.2e}); this model is not supported by the loss criterion"
+        )
+
+
 def load_model(model_path: str, device: str):
-    """Tokenizer, model (fp32, eager attention, on ``device``), its text config and its compressed layers."""
+    """Tokenizer, model (fp32, SDPA attention, on ``device``), its text config and its compressed layers."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
@@ -277,7 +384,7 @@ def load_model(model_path: str, device: str):
     text_config = config.get_text_config()
     auto_class = AutoModelForCausalLM if text_config is config else AutoModelForImageTextToText
     model = auto_class.from_pretrained(
-        model_path, dtype=torch.float32, attn_implementation="eager", local_files_only=True
+        model_path, dtype=torch.float32, attn_implementation="sdpa", local_files_only=True
     ).eval().to(device)
     # Only the full-attention layers are compressed; the others keep vLLM's own cache.
     layers = full_attention_layers(text_config, text_config.num_hidden_layers)

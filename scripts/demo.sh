@@ -21,7 +21,7 @@ server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 
 echo "demo: serving $model in $dtype on port $port (log: $log)" >&2
-echo "demo: the first start calibrates per-layer ratios (about 10 minutes on 2 cores, cached after)" >&2
+echo "demo: the first start calibrates per-layer ratios (about 4 minutes on 2 cores, cached after)" >&2
 "$python" - "$port" "$server" "$log" <<'PY'
 import json, os, sys, time, urllib.request
 

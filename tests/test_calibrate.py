@@ -13,6 +13,7 @@ import torch
 
 from prefixkv_vllm import calibration as cal
 from prefixkv_vllm.policy import Profile, ProfileError, Protection, WindowScorer, allocate_by_cost
+from prefixkv_vllm.policy.layers import full_attention_layers
 from prefixkv_vllm.policy.profile import LayerCosts, ModelIdentity
 from prefixkv_vllm.tools import calibrate as cli
 
@@ -64,6 +65,78 @@ def test_evicting_matches_a_cache_without_those_tokens(tiny_llama):
     assert cache.get_seq_length() == 40  # the measurement leaves the prompt's cache as it found it
     unhooked = cal._continuation_log_probs(model, continuation.expand(2, -1), cache)
     assert not torch.allclose(hooked[0], unhooked[0], atol=1e-3)  # the eviction changed something
+
+
+def tiny_gemma3(sliding_window=8):
+    """A random 3-layer Gemma 3: two sliding-window layers, then a full-attention one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], attn_implementation="eager",
+    )  # fmt: skip
+    return Gemma3ForCausalLM(config).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_starting_at_a_layer_gives_the_full_pass(arch, tiny_llama):
+    # layer_costs measures a cut in layer k from the reference pass's input to layer k,
+    # without running the layers before it; on Gemma 3 the skipped layers are sliding
+    # ones past their window. With and without the skip, the same cut gives the same answer.
+    model = tiny_llama if arch == "llama" else tiny_gemma3()
+    num_layers = model.config.num_hidden_layers
+    first = num_layers - 1
+    prompt = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(6))
+    continuation = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(7))
+    cache = model(prompt, use_cache=True).past_key_values
+    cache.activate_past_recording()
+    decoder_layers = cal._decoder_layers(model, num_layers)
+    with cal._recording_inputs(decoder_layers) as inputs:
+        cal._continuation_log_probs(model, continuation, cache)
+    assert sorted(inputs) == list(range(num_layers)) and inputs[first].shape == (1, 5, 32)
+    cache.batch_repeat_interleave(2)
+    evicted = torch.zeros(2, 40, dtype=torch.bool)
+    evicted[0, 5:30] = True
+    evicted[1, ::3] = True
+    attention = cal._attention_modules(model, num_layers)[first]
+    with cal._evicting(attention, evicted, 40):
+        full = cal._continuation_log_probs(model, continuation.expand(2, -1), cache)
+        with cal._starting_at(decoder_layers, first, inputs[first].expand(2, -1, -1)):
+            started = cal._continuation_log_probs(model, continuation.expand(2, -1), cache, first_layer=first)
+    torch.testing.assert_close(started, full, rtol=1e-5, atol=1e-5)
+    untouched = model(prompt, use_cache=True).past_key_values
+    assert [layer.get_seq_length() for layer in cache.layers] == [layer.get_seq_length() for layer in untouched.layers]
+    assert all("forward" not in vars(layer) for layer in decoder_layers.values())  # the skipped layers are themselves again
+    with pytest.raises(RuntimeError, match="does not reproduce the full pass"):
+        wrong = {first: inputs[first] + 1.0}  # what a layer that reads more than its input hidden states would give
+        cache.batch_select_indices(torch.tensor([0]))
+        cal._check_starting_at(model, continuation, cache, decoder_layers, wrong, first, full[:1].clone()[0])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prefill_in_sdpa_gives_the_eager_attention_and_logits(arch, tiny_llama):
+    # Only the scorer's last queries run in eager attention (the rest in SDPA); their
+    # attention and the prompt's logits and cache are those of one eager pass.
+    eager = tiny_llama if arch == "llama" else tiny_gemma3()
+    sdpa = copy.deepcopy(eager)
+    sdpa.set_attn_implementation("sdpa")
+    prompt = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(8))
+    whole = eager(prompt, output_attentions=True, use_cache=True)
+    layers = full_attention_layers(eager.config, eager.config.num_hidden_layers)  # what calibration measures
+    outputs, accumulated = cal._prefill(sdpa, prompt[0].tolist(), 32, layers)
+    assert sdpa.config._attn_implementation == "sdpa"
+    kv_heads = eager.config.num_key_value_heads
+    for layer, received in zip(layers, accumulated):
+        probs = whole.attentions[layer][0, :, 32:, :].sum(dim=1)  # [Hq, 40]
+        torch.testing.assert_close(received, probs.view(kv_heads, -1, 40).mean(dim=1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs.logits[0, -1], whole.logits[0, -1], rtol=1e-5, atol=1e-5)
+    step = torch.tensor([[3]])
+    after = sdpa(step, past_key_values=outputs.past_key_values).logits
+    torch.testing.assert_close(after, eager(step, past_key_values=whole.past_key_values).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda
@@ -146,15 +219,7 @@ def test_loss_criterion_rejects_budgets_below_its_ratios():
 
 
 def test_layer_costs_on_a_hybrid_model_past_its_sliding_window():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        attn_implementation="eager",
-    )  # fmt: skip
-    model = Gemma3ForCausalLM(config).eval()
+    model = tiny_gemma3()
     prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(4)).tolist()
     scorer = WindowScorer(window=8)
     costs = cal.layer_costs(model, prompt, (2,), scorer, Protection(sink=1, recent=4), (0.1, 0.5), positions=5)
