@@ -64,6 +64,20 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: order[server_unit(item.nodeid)])  # stable: each part keeps its order
 
 
+@pytest.fixture(scope="module")
+def model() -> str:
+    """The model a server test module serves: the demo model, built on first use (test_vllm_vision.py serves its own)."""
+    from prefixkv_vllm.tools.demo_model import demo_model_path
+
+    return str(demo_model_path())
+
+
+@pytest.fixture(scope="module")
+def log_dir(tmp_path_factory):
+    """Where a server test module's servers write their logs."""
+    return tmp_path_factory.mktemp("vllm-logs")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def side_servers_on_the_last_core(request):
     if not any(test.startswith(request.node.nodeid) for test in SIDE_SERVER_TESTS):

@@ -240,11 +240,6 @@ def tiny_gemma3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def log_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("vllm-logs")
-
-
-@pytest.fixture(scope="module")
 def profile_path(tmp_path_factory):
     profile = Profile(ModelIdentity("tiny-gemma3", 2, 1, 64, layers=(2, 5)), "window", {0.2: TINY_RATIOS})
     path = tmp_path_factory.mktemp("profile") / "profile.json"

@@ -13,7 +13,6 @@ import requests
 
 pytest.importorskip("vllm")
 
-from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 from benchmarks.soak_load import SoakSpec, run_soak  # noqa: E402
@@ -22,16 +21,6 @@ from .settings import DEFAULT_PROFILE as DEFAULT_PROFILE_PATH  # noqa: E402
 from .vllm_server import CHAT_PROMPTS, LONG_PROMPTS, concurrent_streams, document, serve, serve_together  # noqa: E402
 
 DEFAULT_PROFILE = ("--kv-profile", str(DEFAULT_PROFILE_PATH))
-
-
-@pytest.fixture(scope="module")
-def model() -> str:
-    return str(demo_model_path())
-
-
-@pytest.fixture(scope="module")
-def log_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("vllm-logs")
 
 
 @pytest.fixture(scope="module")

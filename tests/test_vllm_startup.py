@@ -19,17 +19,6 @@ from prefixkv_vllm.tools.demo_model import demo_model_path  # noqa: E402
 
 from .vllm_server import run_startup_failure  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def model() -> str:
-    return str(demo_model_path())
-
-
-@pytest.fixture(scope="module")
-def log_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("vllm-logs")
-
-
 # Settings that must stop `vllm serve` with one line (the last two write their profile or
 # model first, in the fixture). One flag error goes through `vllm serve`; the others are
 # checked on the parser itself (tests/test_plugin.py), the same code without a 13 s start.

@@ -43,13 +43,8 @@ IMAGE_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def model() -> str:
+def model() -> str:  # in place of conftest's demo model
     return str(demo_vlm_path("tiny"))
-
-
-@pytest.fixture(scope="module")
-def log_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("vllm-vision-logs")
 
 
 @pytest.fixture(scope="module")
