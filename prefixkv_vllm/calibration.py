@@ -214,10 +214,10 @@ def _attention_modules(model, num_layers: int) -> dict[int, torch.nn.Module]:
     return found
 
 
-def _decoder_layers(model, num_layers: int) -> dict[int, torch.nn.Module]:
-    """Each layer's decoder block (its attention module's parent), by layer index."""
+def _decoder_layers(model, attention: dict[int, torch.nn.Module]) -> dict[int, torch.nn.Module]:
+    """Each layer's decoder block (the parent of its module in ``attention``), by layer index."""
     names = {module: name for name, module in model.named_modules()}
-    return {i: model.get_submodule(names[a].rpartition(".")[0]) for i, a in _attention_modules(model, num_layers).items()}
+    return {i: model.get_submodule(names[a].rpartition(".")[0]) for i, a in attention.items()}
 
 
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -336,7 +336,8 @@ def layer_costs(
     cache.crop(-(positions - 1))
     continuation = torch.tensor([generated], device=model.device)
     num_layers = model.config.get_text_config().num_hidden_layers
-    decoder_layers, attention = _decoder_layers(model, num_layers), _attention_modules(model, num_layers)
+    attention = _attention_modules(model, num_layers)
+    decoder_layers = _decoder_layers(model, attention)
     with _recording_inputs(decoder_layers) as inputs:
         reference = _continuation_log_probs(model, continuation, cache)[0]
     _check_starting_at(model, continuation, cache, decoder_layers, inputs, layers[-1], reference)

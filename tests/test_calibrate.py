@@ -93,7 +93,7 @@ def test_starting_at_a_layer_gives_the_full_pass(arch, tiny_llama):
     continuation = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(7))
     cache = model(prompt, use_cache=True).past_key_values
     cache.activate_past_recording()
-    decoder_layers = cal._decoder_layers(model, num_layers)
+    decoder_layers = cal._decoder_layers(model, cal._attention_modules(model, num_layers))
     with cal._recording_inputs(decoder_layers) as inputs:
         cal._continuation_log_probs(model, continuation, cache)
     assert sorted(inputs) == list(range(num_layers)) and inputs[first].shape == (1, 5, 32)
